@@ -1,0 +1,588 @@
+//! The kombu-compatible Redis transport (SPEC §1).
+//!
+//! Knows queues, envelopes and delivery tags; knows nothing of tasks.
+//! Everything here interoperates with Python workers on the same database:
+//! they restore our stale messages and we restore theirs.
+
+pub mod keys;
+pub mod scripts;
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{RedisError, Value as RedisValue};
+use serde_json::{json, Value};
+
+use crate::protocol::{pyjson, Envelope};
+use crate::redis_link::RedisLink;
+use keys::{Keys, SEP};
+
+/// A message popped from a queue and recorded in `unacked`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The queue (not list key) it came from.
+    pub queue: String,
+    /// The exact bytes that were in the list (and are in `unacked`).
+    pub raw: String,
+    pub envelope: Envelope,
+}
+
+/// What a fetch produced for one popped item.
+#[derive(Debug)]
+pub enum Fetched {
+    Message(Delivery),
+    /// Not a kombu envelope; already moved to the dead-letter list.
+    DeadLettered {
+        queue: String,
+        raw: String,
+    },
+    /// Recorded in `unacked` under `tag`, but not parseable here (e.g. not
+    /// UTF-8); the caller must dead-letter it.
+    Unreadable {
+        queue: String,
+        raw: String,
+        tag: String,
+        error: String,
+    },
+}
+
+/// How to reach the queues, as configured.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub queues: Vec<String>,
+    pub keys: Keys,
+    pub visibility_timeout: Duration,
+    pub worker_name: String,
+}
+
+/// Commands on the shared transport keys.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    link: RedisLink,
+    /// Separate connection for BRPOP, which blocks the connection it runs on.
+    blocking: RedisLink,
+    config: BrokerConfig,
+}
+
+fn now_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Broker {
+    pub fn new(link: RedisLink, blocking: RedisLink, config: BrokerConfig) -> Self {
+        Self {
+            link,
+            blocking,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.config.keys
+    }
+
+    pub fn link(&self) -> &RedisLink {
+        &self.link
+    }
+
+    /// Declares the consumed queues the way a Python worker does, so Python
+    /// producers and `celery inspect active_queues` see the same bindings.
+    pub async fn declare_queues(&self, queues: &[String]) -> Result<(), RedisError> {
+        let prefix = &self.config.keys.prefix;
+        self.link
+            .retry("declare queues", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for q in queues {
+                    let member = keys::binding_member(q, "", q);
+                    pipe.sadd(keys::binding_key(prefix, q), &member).ignore();
+                    pipe.sadd(keys::binding_permanent_key(prefix, q), &member)
+                        .ignore();
+                }
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
+    /// Takes up to `max` waiting messages in one atomic step each, waiting
+    /// up to `wait` (BRPOP) when every queue is empty. `order` is the
+    /// current round-robin order of `queues`, rotated in place like kombu.
+    pub async fn fetch(
+        &self,
+        order: &mut Vec<String>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Fetched>, RedisError> {
+        let mut got = self.reserve(order, max, None).await?;
+        if !got.is_empty() || max == 0 {
+            return Ok(got);
+        }
+        let list_keys = keys::consume_keys(&self.config.keys.prefix, order);
+        let popped: Option<(String, String)> = self
+            .blocking
+            .run(|mut c| {
+                let cmd = redis::cmd("BRPOP")
+                    .arg(&list_keys)
+                    .arg(wait.as_secs_f64())
+                    .clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        if let Some((key, msg)) = popped {
+            let index = list_keys
+                .iter()
+                .position(|k| *k == key)
+                .map(|i| i + 1)
+                .unwrap_or(1);
+            // Record it at once; this is the one window kombu also has.
+            got = self
+                .link
+                .retry("reserve popped message", |c| {
+                    self.reserve_with(c, order.clone(), max, Some((msg.clone(), index)))
+                })
+                .await?;
+            rotate(order, &got);
+        }
+        Ok(got)
+    }
+
+    async fn reserve(
+        &self,
+        order: &mut Vec<String>,
+        max: usize,
+        preset: Option<(String, usize)>,
+    ) -> Result<Vec<Fetched>, RedisError> {
+        let snapshot = order.clone();
+        let got = self
+            .link
+            .run(|c| self.reserve_with(c, snapshot, max, preset))
+            .await?;
+        rotate(order, &got);
+        Ok(got)
+    }
+
+    async fn reserve_with(
+        &self,
+        mut conn: MultiplexedConnection,
+        order: Vec<String>,
+        max: usize,
+        preset: Option<(String, usize)>,
+    ) -> Result<Vec<Fetched>, RedisError> {
+        let k = &self.config.keys;
+        let list_keys = keys::consume_keys(&k.prefix, &order);
+        let mut inv = scripts::RESERVE.prepare_invoke();
+        inv.key(&k.unacked)
+            .key(&k.unacked_index)
+            .key(&k.dead_letter);
+        for key in &list_keys {
+            inv.key(key);
+        }
+        let (preset_msg, preset_index) = preset.unwrap_or_default();
+        inv.arg(now_epoch())
+            .arg(max)
+            .arg(order.len())
+            .arg(&self.config.worker_name)
+            .arg(preset_msg)
+            .arg(preset_index);
+        let reply: Vec<RedisValue> = inv.invoke_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(reply.len() / 4);
+        for item in reply.chunks(4) {
+            let [q, msg, status, tag] = item else {
+                continue;
+            };
+            let q: usize = redis::from_redis_value_ref(q)?;
+            let raw: Vec<u8> = redis::from_redis_value_ref(msg)?;
+            let status: i64 = redis::from_redis_value_ref(status)?;
+            let tag: String = redis::from_redis_value_ref(tag)?;
+            let queue = order.get(q.saturating_sub(1)).cloned().unwrap_or_default();
+            let raw = match String::from_utf8(raw) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    let raw = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                    out.push(Fetched::Unreadable {
+                        queue,
+                        raw,
+                        tag,
+                        error: "message is not UTF-8".into(),
+                    });
+                    continue;
+                }
+            };
+            if status == 1 {
+                match Envelope::parse(raw.as_bytes()) {
+                    Ok(envelope) => out.push(Fetched::Message(Delivery {
+                        queue,
+                        raw,
+                        envelope,
+                    })),
+                    Err(e) => out.push(Fetched::Unreadable {
+                        queue,
+                        raw,
+                        tag,
+                        error: e.to_string(),
+                    }),
+                }
+            } else {
+                out.push(Fetched::DeadLettered { queue, raw });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acknowledges: the message is done and forgotten (MULTI ZREM/HDEL).
+    pub async fn ack(&self, tag: &str) -> Result<(), RedisError> {
+        let k = &self.config.keys;
+        self.link
+            .retry("ack", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .zrem(&k.unacked_index, tag)
+                    .ignore()
+                    .hdel(&k.unacked, tag)
+                    .ignore();
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
+    /// Moves an unacked message to the dead-letter list with a reason, in
+    /// one transaction, so it is neither lost nor redelivered forever.
+    pub async fn dead_letter(
+        &self,
+        delivery_tag: Option<&str>,
+        queue: &str,
+        raw: &str,
+        reason: &str,
+    ) -> Result<(), RedisError> {
+        let k = &self.config.keys;
+        let record = pyjson::to_string(&json!({
+            "reason": reason,
+            "queue": queue,
+            "received_at": now_epoch(),
+            "worker": self.config.worker_name,
+            "raw": raw,
+        }));
+        self.link
+            .retry("dead-letter", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic().lpush(&k.dead_letter, &record).ignore();
+                if let Some(tag) = delivery_tag {
+                    pipe.zrem(&k.unacked_index, tag)
+                        .ignore()
+                        .hdel(&k.unacked, tag)
+                        .ignore();
+                }
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
+    /// Keeps our in-flight messages from looking abandoned: the sweep (ours
+    /// or a Python worker's) restores only entries older than the
+    /// visibility timeout, so refreshing their score means a long task is
+    /// never handed to a second worker. `XX`: never resurrect an entry that
+    /// was already acked or restored.
+    pub async fn refresh_leases(&self, tags: &[String]) -> Result<(), RedisError> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let k = &self.config.keys;
+        let now = now_epoch();
+        for chunk in tags.chunks(500) {
+            self.link
+                .run(|mut c| {
+                    let mut cmd = redis::cmd("ZADD");
+                    cmd.arg(&k.unacked_index).arg("XX");
+                    for tag in chunk {
+                        cmd.arg(now).arg(tag);
+                    }
+                    async move { cmd.query_async::<()>(&mut c).await }
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Where a message published to (exchange, routing_key) goes: for the
+    /// default exchange the routing key is the queue; otherwise the
+    /// exchange's binding table decides (direct match).
+    pub async fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Vec<String>, RedisError> {
+        if exchange.is_empty() {
+            return Ok(vec![routing_key.to_owned()]);
+        }
+        let key = keys::binding_key(&self.config.keys.prefix, exchange);
+        let members: Vec<String> = self
+            .link
+            .retry("read bindings", |mut c| {
+                let key = key.clone();
+                async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await }
+            })
+            .await?;
+        let mut queues: Vec<String> = members
+            .iter()
+            .filter_map(|m| keys::parse_binding_member(m))
+            .filter(|(rk, _, _)| *rk == routing_key)
+            .map(|(_, _, q)| q.to_owned())
+            .collect();
+        queues.dedup();
+        Ok(queues)
+    }
+
+    /// Publishes a new message (LPUSH, the back of the queue).
+    pub async fn publish(
+        &self,
+        envelope: &Envelope,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<usize, RedisError> {
+        let queues = self.route(exchange, routing_key).await?;
+        let body = envelope.to_json();
+        let prefix = &self.config.keys.prefix;
+        let priority = envelope.priority();
+        let lists: Vec<String> = queues
+            .iter()
+            .map(|q| keys::queue_list_key(prefix, q, priority))
+            .collect();
+        if lists.is_empty() {
+            tracing::warn!(
+                exchange,
+                routing_key,
+                "published message matched no queue; kombu drops it too"
+            );
+            return Ok(0);
+        }
+        self.link
+            .retry("publish", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for list in &lists {
+                    pipe.lpush(list, &body).ignore();
+                }
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await?;
+        Ok(lists.len())
+    }
+
+    /// Restores one unacked message to the consuming end of its queue with
+    /// `redelivered` set (kombu's `restore_by_tag`). With `requeue` it goes
+    /// to the back instead (kombu's `basic_reject(requeue=True)`).
+    /// Returns false if the message was no longer in `unacked`.
+    pub async fn restore(&self, tag: &str, requeue: bool) -> Result<bool, RedisError> {
+        let k = &self.config.keys;
+        let stored: Option<String> = self
+            .link
+            .retry("read unacked", |mut c| {
+                let cmd = redis::cmd("HGET").arg(&k.unacked).arg(tag).clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        let Some(stored) = stored else {
+            let _: () = self
+                .link
+                .retry("drop stale index entry", |mut c| {
+                    let cmd = redis::cmd("ZREM").arg(&k.unacked_index).arg(tag).clone();
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            return Ok(false);
+        };
+        let parsed: Option<(Envelope, String, String)> =
+            serde_json::from_str::<Value>(&stored).ok().and_then(|v| {
+                let arr = v.as_array()?;
+                let env = Envelope::parse(pyjson::to_string(arr.first()?).as_bytes()).ok()?;
+                let ex = arr.get(1)?.as_str()?.to_owned();
+                let rk = arr.get(2)?.as_str()?.to_owned();
+                Some((env, ex, rk))
+            });
+        let Some((mut envelope, exchange, routing_key)) = parsed else {
+            tracing::error!(
+                delivery_tag = tag,
+                "unacked entry is unreadable; moving it to the dead-letter list"
+            );
+            self.dead_letter(Some(tag), "", &stored, "unreadable unacked entry")
+                .await?;
+            return Ok(false);
+        };
+        envelope.mark_redelivered();
+        let queues = self.route(&exchange, &routing_key).await?;
+        if queues.is_empty() {
+            tracing::error!(
+                delivery_tag = tag,
+                exchange,
+                routing_key,
+                "no queue to restore to; moving it to the dead-letter list"
+            );
+            self.dead_letter(Some(tag), "", &stored, "no queue bound for restore")
+                .await?;
+            return Ok(false);
+        }
+        let prefix = &k.prefix;
+        let lists: Vec<String> = queues
+            .iter()
+            .map(|q| keys::queue_list_key(prefix, q, envelope.priority()))
+            .collect();
+        let message = envelope.to_json();
+        let outcome: i64 = self
+            .link
+            .retry("restore", |mut c| {
+                let mut inv = scripts::RESTORE.prepare_invoke();
+                inv.key(&k.unacked).key(&k.unacked_index);
+                for l in &lists {
+                    inv.key(l);
+                }
+                inv.arg(tag)
+                    .arg(&stored)
+                    .arg(&message)
+                    .arg(if requeue { "L" } else { "R" });
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(outcome == 1)
+    }
+
+    /// kombu's `restore_visible`: under `unacked_mutex`, puts back every
+    /// message whose lease is older than the visibility timeout. Returns
+    /// how many were restored; 0 when another consumer holds the mutex.
+    pub async fn restore_visible(&self) -> Result<usize, RedisError> {
+        let k = &self.config.keys;
+        let token = uuid::Uuid::new_v4().to_string();
+        let acquired: Option<String> = self
+            .link
+            .run(|mut c| {
+                let cmd = redis::cmd("SET")
+                    .arg(&k.unacked_mutex)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(300_000)
+                    .clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        if acquired.is_none() {
+            return Ok(0);
+        }
+        let ceiling = now_epoch() - self.config.visibility_timeout.as_secs_f64();
+        let result = async {
+            let stale: Vec<String> = self
+                .link
+                .run(|mut c| {
+                    let cmd = redis::cmd("ZRANGEBYSCORE")
+                        .arg(&k.unacked_index)
+                        .arg("-inf")
+                        .arg(ceiling)
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(1000)
+                        .clone();
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            let mut restored = 0;
+            for tag in &stale {
+                if self.restore(tag, false).await? {
+                    tracing::warn!(delivery_tag = %tag, "restored a message whose lease expired (its worker died or stalled)");
+                    restored += 1;
+                }
+            }
+            Ok::<usize, RedisError>(restored)
+        }
+        .await;
+        let _ = self
+            .link
+            .run(|mut c| {
+                let mut inv = scripts::RELEASE_MUTEX.prepare_invoke();
+                inv.key(&k.unacked_mutex).arg(&token);
+                async move { inv.invoke_async::<i64>(&mut c).await }
+            })
+            .await;
+        result
+    }
+
+    /// Parks a far-future ETA message in Redis instead of memory. It leaves
+    /// `unacked` in the same step, so no visibility timeout can duplicate
+    /// it. Returns false if the message was no longer ours.
+    pub async fn park_eta(&self, delivery: &Delivery, due_epoch: f64) -> Result<bool, RedisError> {
+        let k = &self.config.keys;
+        let list = keys::queue_list_key(&k.prefix, &delivery.queue, delivery.envelope.priority());
+        let member = pyjson::to_string(&json!([list, delivery.raw]));
+        let tag = delivery.envelope.delivery_tag();
+        let parked: i64 = self
+            .link
+            .retry("park eta", |mut c| {
+                let mut inv = scripts::PARK_ETA.prepare_invoke();
+                inv.key(&k.unacked).key(&k.unacked_index).key(&k.eta_parked);
+                inv.arg(tag).arg(due_epoch).arg(&member);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(parked == 1)
+    }
+
+    /// Moves parked ETA messages due within `lead` back to their queues.
+    pub async fn release_due_eta(&self, lead: Duration) -> Result<usize, RedisError> {
+        let k = &self.config.keys;
+        let due_before = now_epoch() + lead.as_secs_f64();
+        self.link
+            .run(|mut c| {
+                let mut inv = scripts::RELEASE_DUE_ETA.prepare_invoke();
+                inv.key(&k.eta_parked).arg(due_before).arg(1000);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await
+    }
+
+    /// Length of each consumed queue including its priority lists.
+    pub async fn queue_lengths(&self, queues: &[String]) -> Result<Vec<(String, u64)>, RedisError> {
+        let prefix = &self.config.keys.prefix;
+        let mut out = Vec::new();
+        for q in queues {
+            let lists: Vec<String> = keys::PRIORITY_STEPS
+                .iter()
+                .map(|s| keys::queue_list_key(prefix, q, *s))
+                .collect();
+            let lens: Vec<u64> = self
+                .link
+                .run(|mut c| {
+                    let mut pipe = redis::pipe();
+                    for l in &lists {
+                        pipe.llen(l);
+                    }
+                    async move { pipe.query_async(&mut c).await }
+                })
+                .await?;
+            out.push((q.clone(), lens.iter().sum()));
+        }
+        Ok(out)
+    }
+}
+
+/// Applies kombu's round-robin rule: a queue that just delivered moves to
+/// the end of the cycle.
+fn rotate(order: &mut Vec<String>, fetched: &[Fetched]) {
+    for f in fetched {
+        let queue = match f {
+            Fetched::Message(d) => &d.queue,
+            Fetched::DeadLettered { queue, .. } | Fetched::Unreadable { queue, .. } => queue,
+        };
+        if let Some(i) = order.iter().position(|q| q == queue) {
+            let q = order.remove(i);
+            order.push(q);
+        }
+    }
+}
+
+/// The separator, re-exported for callers that format list keys.
+pub const KEY_SEP: &str = SEP;

@@ -1,0 +1,167 @@
+//! Lua scripts that make multi-step broker operations atomic.
+//!
+//! kombu pops with BRPOP and then records the message in `unacked` with a
+//! second command, so a worker (or connection) dying between the two loses
+//! the message. While messages are waiting we instead pop and record in
+//! one script: either both happen or neither does. Only the idle wake-up
+//! (BRPOP, which Lua cannot do) keeps kombu's window.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Pops up to `max` messages, fairly across queues, and records each in
+/// `unacked`/`unacked_index` exactly as kombu does — or, if it is not a
+/// kombu envelope at all, moves it to the dead-letter list. Also reserves
+/// one message already popped by BRPOP (ARGV[5], from list ARGV[6]).
+///
+/// KEYS: unacked, unacked_index, dead_letter, then the queue lists
+/// step-major (see `keys::consume_keys`).
+/// ARGV: now, max, number of queues, worker name, preset message, preset
+/// list index (1-based).
+/// Returns a flat array of (queue index 1-based, message, 1 reserved |
+/// 0 dead-lettered, delivery tag or '').
+pub static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local now = ARGV[1]
+local max = tonumber(ARGV[2])
+local nq = tonumber(ARGV[3])
+local nlists = #KEYS - 3
+local nsteps = nlists / nq
+local order = {}
+for q = 1, nq do order[q] = q end
+local out = {}
+local count = 0
+
+local function reserve(list_index, msg)
+  local q = ((list_index - 1) % nq) + 1
+  local ok, env = pcall(cjson.decode, msg)
+  local tag, ex, rk = nil, '', ''
+  if ok and type(env) == 'table' and type(env['properties']) == 'table' and type(env['body']) == 'string' then
+    local p = env['properties']
+    tag = p['delivery_tag']
+    local di = p['delivery_info']
+    if type(di) == 'table' then
+      if type(di['exchange']) == 'string' then ex = di['exchange'] end
+      if type(di['routing_key']) == 'string' then rk = di['routing_key'] end
+    end
+  end
+  if type(tag) == 'string' and tag ~= '' then
+    redis.call('ZADD', KEYS[2], now, tag)
+    redis.call('HSET', KEYS[1], tag, '[' .. msg .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+    out[#out + 1] = q; out[#out + 1] = msg; out[#out + 1] = 1; out[#out + 1] = tag
+  else
+    local reason
+    if not ok then reason = 'envelope is not JSON'
+    elseif type(env) ~= 'table' then reason = 'envelope is not a JSON object'
+    elseif type(env['body']) ~= 'string' then reason = 'envelope has no string body'
+    else reason = 'envelope has no properties.delivery_tag' end
+    redis.call('LPUSH', KEYS[3], cjson.encode({reason = reason, queue = KEYS[3 + list_index],
+      received_at = tonumber(now), worker = ARGV[4], raw = msg}))
+    out[#out + 1] = q; out[#out + 1] = msg; out[#out + 1] = 0; out[#out + 1] = ''
+  end
+  count = count + 1
+  for i = 1, nq do
+    if order[i] == q then table.remove(order, i); break end
+  end
+  order[#order + 1] = q
+end
+
+if ARGV[5] ~= '' then reserve(tonumber(ARGV[6]), ARGV[5]) end
+
+while count < max do
+  local got = false
+  for s = 0, nsteps - 1 do
+    for _, q in ipairs(order) do
+      local idx = s * nq + q
+      local msg = redis.call('RPOP', KEYS[3 + idx])
+      if msg then reserve(idx, msg); got = true; break end
+    end
+    if got then break end
+  end
+  if not got then break end
+end
+return out
+"#,
+    )
+});
+
+/// Puts an unacked message back on its queue(s), but only if the stored
+/// entry is still the one we read (a compare-and-swap standing in for
+/// kombu's WATCH/MULTI, which a multiplexed connection cannot do).
+///
+/// KEYS: unacked, unacked_index, destination lists...
+/// ARGV: tag, expected unacked value, message to push, 'R' (RPUSH, next
+/// to be consumed: restore) or 'L' (LPUSH, back of the queue: requeue).
+/// Returns 1 restored, 0 entry already gone, -1 entry changed.
+pub static RESTORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+if cur ~= ARGV[2] then return -1 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+for i = 3, #KEYS do
+  if ARGV[4] == 'L' then
+    redis.call('LPUSH', KEYS[i], ARGV[3])
+  else
+    redis.call('RPUSH', KEYS[i], ARGV[3])
+  end
+end
+return 1
+"#,
+    )
+});
+
+/// Moves an unacked message to the ETA parking set (score = due time).
+/// KEYS: unacked, unacked_index, eta set. ARGV: tag, due epoch, member.
+/// Returns 1 when parked, 0 when the message was no longer ours.
+pub static PARK_ETA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// Moves parked ETA messages that are due (or nearly) back to the consuming
+/// end of their queue. Safe to run from many workers at once.
+/// KEYS: eta set. ARGV: due-before epoch, max count.
+/// Members are JSON `[list_key, message]`.
+pub static RELEASE_DUE_ETA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local ok, entry = pcall(cjson.decode, member)
+  if ok and type(entry) == 'table' and type(entry[1]) == 'string' and type(entry[2]) == 'string' then
+    redis.call('RPUSH', entry[1], entry[2])
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"#,
+    )
+});
+
+/// Releases the sweep mutex only if we still hold it (redis-py's Lock).
+/// KEYS: mutex. ARGV: token.
+pub static RELEASE_MUTEX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#,
+    )
+});

@@ -1,0 +1,315 @@
+//! Command line and environment → worker configuration.
+//!
+//! Flag names follow `celery worker` where Celery has one, and so do the
+//! environment variables (`CELERY_BROKER_URL`, `CELERY_RESULT_BACKEND`,
+//! with `REDIS_URL` as the fallback for both).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tori-worker",
+    version,
+    about = "A Celery-compatible worker for Redis, written in Rust",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `tori-worker [worker] ...`: the worker is the default command.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker (the default).
+    Worker(Box<WorkerArgs>),
+    /// List the registered tasks.
+    Tasks {
+        /// Print JSON (for the Python bridge's drift check).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoolKind {
+    /// One blocking thread per slot, inside the worker process.
+    Threads,
+    /// One task at a time, inside the worker process.
+    Solo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Broker URL: redis://[:password@]host[:port][/db], rediss:// (TLS),
+    /// unix:///path/to/socket?db=N.
+    #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
+    pub broker: Option<String>,
+
+    /// Result backend URL (a Redis URL); defaults to the broker URL.
+    #[arg(long, env = "CELERY_RESULT_BACKEND")]
+    pub result_backend: Option<String>,
+
+    /// Queues to consume, comma-separated.
+    #[arg(short = 'Q', long, value_delimiter = ',', default_value = "celery")]
+    pub queues: Vec<String>,
+
+    /// Number of tasks run at once (default: number of CPUs).
+    #[arg(short = 'c', long)]
+    pub concurrency: Option<usize>,
+
+    #[arg(short = 'P', long, value_enum, default_value_t = PoolKind::Threads)]
+    pub pool: PoolKind,
+
+    /// Node name; %h = host name, %n = its first label, %d = its domain.
+    #[arg(short = 'n', long, default_value = "tori@%h")]
+    pub hostname: String,
+
+    #[arg(short = 'l', long, default_value = "info", env = "TORI_LOGLEVEL")]
+    pub loglevel: String,
+
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "TORI_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Messages reserved per slot. 1 (the default) fetches only when a slot
+    /// is free, so an idle peer is never starved by our backlog.
+    #[arg(long, default_value_t = 1)]
+    pub prefetch_multiplier: usize,
+
+    /// Default hard time limit in seconds for tasks that set none.
+    #[arg(long)]
+    pub time_limit: Option<f64>,
+
+    /// Default soft time limit in seconds for tasks that set none.
+    #[arg(long)]
+    pub soft_time_limit: Option<f64>,
+
+    /// Acknowledge after the task finished, for tasks that do not choose
+    /// (Celery's `task_acks_late`).
+    #[arg(long, env = "TORI_ACKS_LATE")]
+    pub acks_late: bool,
+
+    /// Write the STARTED state (Celery's `task_track_started`).
+    #[arg(long)]
+    pub track_started: bool,
+
+    /// Seconds results are kept (Celery's `result_expires`); 0 = forever.
+    #[arg(long, default_value_t = 86_400)]
+    pub result_expires: u64,
+
+    /// Store name, args, kwargs, worker, retries and queue with results
+    /// (Celery's `result_extended`).
+    #[arg(long)]
+    pub result_extended: bool,
+
+    /// Seconds a message may stay unacknowledged before any worker on the
+    /// database restores it (kombu's `visibility_timeout`). Use the same
+    /// value as your Python workers.
+    #[arg(long, default_value_t = 3600.0, env = "TORI_VISIBILITY_TIMEOUT")]
+    pub visibility_timeout: f64,
+
+    /// Seconds between restore sweeps of expired unacked messages.
+    #[arg(long, default_value_t = 10.0)]
+    pub restore_interval: f64,
+
+    /// ETA tasks due within this many seconds wait in memory; later ones
+    /// are parked in Redis (`tori.eta`) until they are due.
+    #[arg(long, default_value_t = 300.0)]
+    pub eta_horizon: f64,
+
+    /// At most this many ETA tasks wait in memory; more are parked.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_held_eta: usize,
+
+    /// Redis list that receives messages no worker can ever run.
+    #[arg(long, default_value = "tori.dead_letter")]
+    pub dead_letter_key: String,
+
+    /// Prefix for every broker key (kombu's `global_keyprefix`).
+    #[arg(long, default_value = "")]
+    pub key_prefix: String,
+
+    /// Seconds a warm shutdown waits for running tasks before restoring
+    /// them (late ack) and exiting.
+    #[arg(long, default_value_t = 60.0)]
+    pub soft_shutdown_timeout: f64,
+
+    /// Send task events (accepted now; events arrive with the events work).
+    #[arg(short = 'E', long)]
+    pub task_events: bool,
+
+    /// Recycle a worker process after this many tasks (prefork pool).
+    #[arg(long)]
+    pub max_tasks_per_child: Option<u64>,
+
+    /// Recycle a worker process above this RSS in KiB (prefork pool).
+    #[arg(long)]
+    pub max_memory_per_child: Option<u64>,
+}
+
+/// Everything the worker needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub broker_url: String,
+    pub backend_url: String,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    pub pool: PoolKind,
+    pub node_name: String,
+    pub prefetch_multiplier: usize,
+    pub default_time_limit: Option<f64>,
+    pub default_soft_time_limit: Option<f64>,
+    pub acks_late: bool,
+    pub track_started: bool,
+    pub result_expires: Option<Duration>,
+    pub result_extended: bool,
+    pub visibility_timeout: Duration,
+    pub restore_interval: Duration,
+    pub eta_horizon: Duration,
+    pub max_held_eta: usize,
+    pub dead_letter_key: String,
+    pub key_prefix: String,
+    pub soft_shutdown_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no broker URL: pass --broker or set CELERY_BROKER_URL (or REDIS_URL)")]
+    NoBroker,
+    #[error("{0} must be a positive number of seconds")]
+    BadSeconds(&'static str),
+    #[error("--queues must name at least one queue")]
+    NoQueues,
+}
+
+fn positive(value: f64, name: &'static str) -> Result<Duration, ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::BadSeconds(name))
+    }
+}
+
+/// Expands `%h`, `%n` and `%d` in a node name as Celery does.
+pub fn expand_node_name(template: &str, host: &str) -> String {
+    let (first, domain) = host.split_once('.').unwrap_or((host, ""));
+    template
+        .replace("%h", host)
+        .replace("%n", first)
+        .replace("%d", domain)
+}
+
+impl WorkerArgs {
+    pub fn resolve(&self) -> Result<WorkerConfig, ConfigError> {
+        let redis_url = std::env::var("REDIS_URL").ok().filter(|s| !s.is_empty());
+        let broker_url = self
+            .broker
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| redis_url.clone())
+            .ok_or(ConfigError::NoBroker)?;
+        let backend_url = self
+            .result_backend
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or(redis_url)
+            .unwrap_or_else(|| broker_url.clone());
+        let queues: Vec<String> = self
+            .queues
+            .iter()
+            .map(|q| q.trim().to_owned())
+            .filter(|q| !q.is_empty())
+            .collect();
+        if queues.is_empty() {
+            return Err(ConfigError::NoQueues);
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let concurrency = self
+            .concurrency
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1);
+        Ok(WorkerConfig {
+            broker_url,
+            backend_url,
+            queues,
+            concurrency: if self.pool == PoolKind::Solo {
+                1
+            } else {
+                concurrency
+            },
+            pool: self.pool,
+            node_name: expand_node_name(&self.hostname, &host),
+            prefetch_multiplier: self.prefetch_multiplier.max(1),
+            default_time_limit: self.time_limit.filter(|t| *t > 0.0),
+            default_soft_time_limit: self.soft_time_limit.filter(|t| *t > 0.0),
+            acks_late: self.acks_late,
+            track_started: self.track_started,
+            result_expires: (self.result_expires > 0)
+                .then(|| Duration::from_secs(self.result_expires)),
+            result_extended: self.result_extended,
+            visibility_timeout: positive(self.visibility_timeout, "--visibility-timeout")?,
+            restore_interval: positive(self.restore_interval, "--restore-interval")?,
+            eta_horizon: positive(self.eta_horizon, "--eta-horizon")?,
+            max_held_eta: self.max_held_eta,
+            dead_letter_key: self.dead_letter_key.clone(),
+            key_prefix: self.key_prefix.clone(),
+            soft_shutdown_timeout: positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_name_expansion() {
+        assert_eq!(
+            expand_node_name("tori@%h", "vm.example.org"),
+            "tori@vm.example.org"
+        );
+        assert_eq!(expand_node_name("w1@%n", "vm.example.org"), "w1@vm");
+        assert_eq!(
+            expand_node_name("%n.%d", "vm.example.org"),
+            "vm.example.org"
+        );
+    }
+
+    #[test]
+    fn flags_parse_like_celery() {
+        let cli = Cli::try_parse_from([
+            "tori-worker",
+            "--broker",
+            "redis://h/1",
+            "-Q",
+            "a,b",
+            "--concurrency",
+            "3",
+            "--acks-late",
+        ])
+        .unwrap();
+        let cfg = cli.worker.resolve().unwrap();
+        assert_eq!(cfg.queues, vec!["a", "b"]);
+        assert_eq!(cfg.concurrency, 3);
+        assert_eq!(cfg.backend_url, "redis://h/1");
+        assert!(cfg.acks_late);
+        let cli = Cli::try_parse_from(["tori-worker", "worker", "--broker", "redis://h"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Worker(_))));
+        let cli = Cli::try_parse_from(["tori-worker", "tasks", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Tasks { json: true })));
+    }
+}

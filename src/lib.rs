@@ -1,0 +1,18 @@
+//! tori-worker: a Celery-compatible worker for Redis.
+//!
+//! Layers, each knowing only the ones below it:
+//! - [`protocol`]: Celery/kombu wire formats, pure data.
+//! - [`redis_link`]: one reconnecting Redis connection.
+//! - [`broker`]: the kombu Redis transport (queues, unacked bookkeeping,
+//!   restore) — knows messages, not tasks.
+//! - [`backend`]: the Celery Redis result backend.
+//! - [`pool`]: where task code runs.
+//! - [`worker`]: one message's life, wiring the above together.
+
+pub mod backend;
+pub mod broker;
+pub mod config;
+pub mod pool;
+pub mod protocol;
+pub mod redis_link;
+pub mod worker;

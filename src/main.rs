@@ -1,0 +1,90 @@
+//! `tori-worker`: flags and environment → configuration → run.
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tori_worker::config::{Cli, Command, LogFormat, WorkerArgs};
+use tori_worker::worker::{Stop, Worker};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},redis=warn,rustls=warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Tasks { json }) => print_tasks(json),
+        Some(Command::Worker(args)) => run_worker(*args),
+        None => run_worker(cli.worker),
+    }
+}
+
+fn print_tasks(json: bool) -> anyhow::Result<()> {
+    let registry = tasks::default_registry();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&registry.describe())?);
+    } else {
+        for info in registry.describe() {
+            println!("{}({})", info.name, info.params.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    init_logging(&args.loglevel, args.log_format);
+    let cfg = args.resolve()?;
+    // rediss:// needs a TLS crypto provider; install ours once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("tori-io")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let worker = Worker::new(cfg, tasks::default_registry())?;
+        let stopper = worker.stopper();
+        tokio::spawn(async move {
+            if let Err(e) = watch_signals(stopper).await {
+                tracing::error!(error = %e, "cannot listen for signals");
+            }
+        });
+        worker.run().await
+    })?;
+    // Threads abandoned at a hard time limit must not keep the process up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+/// SIGTERM or SIGINT: warm shutdown. A second one, or SIGQUIT: cold.
+async fn watch_signals(stopper: tokio::sync::watch::Sender<Stop>) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    loop {
+        let cold = tokio::select! {
+            _ = term.recv() => false,
+            _ = int.recv() => false,
+            _ = quit.recv() => true,
+        };
+        let next = if cold || *stopper.borrow() != Stop::Running {
+            Stop::Cold
+        } else {
+            Stop::Warm
+        };
+        tracing::warn!(mode = ?next, "shutdown requested");
+        stopper.send_replace(next);
+    }
+}

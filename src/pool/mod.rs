@@ -1,0 +1,78 @@
+//! Where task code runs.
+//!
+//! The worker asks a [`Pool`] for a slot, then hands it a [`Job`]. The slot
+//! step exists so a message waiting for a free slot is still "reserved"
+//! (and can be put back on the queue at shutdown) until the moment it
+//! really starts. Knows nothing of Redis.
+
+pub mod threads;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tasks::{CancelFlag, DynTask, ProgressSink, TaskError};
+use tokio::sync::oneshot;
+
+/// One task invocation.
+pub struct Job {
+    pub task: Arc<dyn DynTask>,
+    pub id: String,
+    pub name: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub retries: u32,
+    /// Ask the task to stop (soft limit): it sees `checkpoint()` fail.
+    pub soft_limit: Option<Duration>,
+    /// Stop waiting for it (hard limit).
+    pub hard_limit: Option<Duration>,
+    pub cancel: Arc<CancelFlag>,
+    pub progress: Arc<dyn ProgressSink>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a job ended, from the pool's point of view.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    /// The task returned (a value or a task-level error).
+    Finished {
+        result: Result<Value, TaskError>,
+        /// Process that ran it (for STARTED/`worker_pid`).
+        pid: u32,
+    },
+    /// The task panicked; the message is the panic payload.
+    Panicked(String),
+    /// The hard time limit passed before it finished.
+    HardTimeLimit(Duration),
+    /// The process running it died (prefork) or the pool went away.
+    WorkerLost(String),
+}
+
+/// A claim on one execution slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// An execution pool. Implementations: [`threads::ThreadPool`] (also used
+/// for `--pool solo` with one thread); the prefork pool slots in here.
+pub trait Pool: Send + Sync + std::fmt::Debug {
+    /// `threads`, `solo`, `prefork`: what `inspect stats` reports.
+    fn kind(&self) -> &'static str;
+    fn size(&self) -> usize;
+    /// Waits for a free slot.
+    fn acquire(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Slot> + Send + '_>>;
+    /// Runs `job` in the slot; the receiver yields its outcome.
+    fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome>;
+    /// Pids of the processes running tasks.
+    fn pids(&self) -> Vec<u32>;
+}

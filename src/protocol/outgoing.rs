@@ -1,0 +1,249 @@
+//! Task messages this worker publishes: retries, callbacks and chain links,
+//! shaped the way a Python worker publishes them (SPEC §2.1).
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value};
+
+use super::envelope::Envelope;
+use super::pyjson;
+use super::task_message::{format_time, TaskMessage, CONTENT_TYPE_JSON};
+use tasks::task::py_repr;
+
+/// Where a published task message should go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub exchange: String,
+    pub routing_key: String,
+    pub priority: u8,
+}
+
+/// The retry of `original`: same id and body, `retries + 1`, a new `eta`,
+/// `parent_id` = its own id, a fresh delivery tag (a new delivery, not a
+/// restore).
+pub fn retry_of(original: &Envelope, msg: &TaskMessage, eta: DateTime<Utc>) -> Envelope {
+    let mut env = original.clone();
+    env.set_header("retries", json!(msg.retries + 1));
+    env.set_header("eta", json!(format_time(eta)));
+    env.set_header("parent_id", json!(msg.id));
+    // A retry is a new delivery: drop restore markers from the original.
+    let mut obj = env.as_object().clone();
+    if let Some(Value::Object(h)) = obj.get_mut("headers") {
+        h.remove("redelivered");
+    }
+    if let Some(Value::Object(p)) = obj.get_mut("properties") {
+        if let Some(Value::Object(d)) = p.get_mut("delivery_info") {
+            d.remove("redelivered");
+        }
+    }
+    let mut env = Envelope::parse(pyjson::to_string(&obj).as_bytes())
+        .expect("a re-serialized valid envelope stays valid");
+    env.renew_delivery_tag();
+    env
+}
+
+/// A signature (`{"task", "args", "kwargs", "options", "immutable"}`)
+/// turned into a message, with `parent_result` prepended to its args
+/// unless it is immutable.
+#[derive(Debug, Clone)]
+pub struct SignatureCall<'a> {
+    pub signature: &'a Value,
+    pub parent_result: Option<&'a Value>,
+    pub parent_id: &'a str,
+    pub root_id: &'a str,
+    /// Remaining chain for the new message (SPEC §2.1: next link last).
+    pub chain: Vec<Value>,
+    pub origin: &'a str,
+    pub default_queue: &'a str,
+}
+
+impl SignatureCall<'_> {
+    /// Builds the envelope and its route; `None` when the signature has no
+    /// task name (e.g. a nested group we do not expand).
+    pub fn build(&self) -> Option<(Envelope, Route)> {
+        let sig = self.signature.as_object()?;
+        let task = sig.get("task")?.as_str()?;
+        let options = sig
+            .get("options")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let immutable = sig
+            .get("immutable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mut args = sig
+            .get("args")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if let (false, Some(result)) = (immutable, self.parent_result) {
+            args.insert(0, result.clone());
+        }
+        let kwargs = sig
+            .get("kwargs")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let id = options
+            .get("task_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let queue = options
+            .get("queue")
+            .and_then(|q| q.as_str().or_else(|| q.get("name").and_then(Value::as_str)))
+            .unwrap_or(self.default_queue);
+        let route = Route {
+            exchange: options
+                .get("exchange")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            routing_key: options
+                .get("routing_key")
+                .and_then(Value::as_str)
+                .unwrap_or(queue)
+                .to_owned(),
+            priority: options
+                .get("priority")
+                .and_then(Value::as_u64)
+                .map(|p| p.min(255) as u8)
+                .unwrap_or(0),
+        };
+        let time_limit = [
+            options.get("time_limit").cloned().unwrap_or(Value::Null),
+            options
+                .get("soft_time_limit")
+                .cloned()
+                .unwrap_or(Value::Null),
+        ];
+        let mut headers = Map::new();
+        headers.insert("lang".into(), json!("py"));
+        headers.insert("task".into(), json!(task));
+        headers.insert("id".into(), json!(id));
+        headers.insert(
+            "shadow".into(),
+            options.get("shadow").cloned().unwrap_or(Value::Null),
+        );
+        headers.insert("eta".into(), Value::Null);
+        headers.insert("expires".into(), Value::Null);
+        headers.insert(
+            "group".into(),
+            options.get("group_id").cloned().unwrap_or(Value::Null),
+        );
+        headers.insert(
+            "group_index".into(),
+            options.get("group_index").cloned().unwrap_or(Value::Null),
+        );
+        headers.insert("retries".into(), json!(0));
+        headers.insert("timelimit".into(), json!(time_limit));
+        headers.insert("root_id".into(), json!(self.root_id));
+        headers.insert("parent_id".into(), json!(self.parent_id));
+        headers.insert("argsrepr".into(), json!(tuple_repr(&args)));
+        headers.insert(
+            "kwargsrepr".into(),
+            json!(py_repr(&Value::Object(kwargs.clone()))),
+        );
+        headers.insert("origin".into(), json!(self.origin));
+        headers.insert("ignore_result".into(), json!(false));
+        headers.insert("replaced_task_nesting".into(), json!(0));
+        headers.insert("stamped_headers".into(), Value::Null);
+        headers.insert("stamps".into(), json!({}));
+
+        let embed = json!({
+            "callbacks": sig_list(&options, "link"),
+            "errbacks": sig_list(&options, "link_error"),
+            "chain": self.chain,
+            "chord": options.get("chord").cloned().unwrap_or(Value::Null),
+        });
+        let body = pyjson::to_string(&json!([args, kwargs, embed]));
+        let mut properties = Map::new();
+        properties.insert("correlation_id".into(), json!(id));
+        if let Some(reply_to) = options.get("reply_to") {
+            properties.insert("reply_to".into(), reply_to.clone());
+        }
+        let env = Envelope::new(
+            body.as_bytes(),
+            CONTENT_TYPE_JSON,
+            headers,
+            properties,
+            &route.exchange,
+            &route.routing_key,
+            route.priority,
+        );
+        Some((env, route))
+    }
+}
+
+fn sig_list(options: &Map<String, Value>, key: &str) -> Value {
+    match options.get(key) {
+        Some(Value::Array(a)) if !a.is_empty() => Value::Array(a.clone()),
+        Some(v @ Value::Object(_)) => json!([v]),
+        _ => Value::Null,
+    }
+}
+
+/// Python's repr of a tuple of args: `(5, 4)`, `(3,)`, `()`.
+fn tuple_repr(args: &[Value]) -> String {
+    let parts: Vec<String> = args.iter().map(py_repr).collect();
+    match parts.len() {
+        1 => format!("({},)", parts[0]),
+        _ => format!("({})", parts.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vector(name: &str) -> Envelope {
+        let path = format!(
+            "{}/tests/vectors/broker/{name}.raw",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        Envelope::parse(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn chain_link_matches_what_python_published() {
+        let first = vector("task_chain_first");
+        let first_msg = TaskMessage::decode(&first).unwrap();
+        let mut chain = first_msg.chain.clone();
+        let next = chain.pop().unwrap();
+        let call = SignatureCall {
+            signature: &next,
+            parent_result: Some(&json!(5)),
+            parent_id: &first_msg.id,
+            root_id: first_msg.root_id.as_deref().unwrap(),
+            chain: chain.clone(),
+            origin: "gen1@vm",
+            default_queue: "celery",
+        };
+        let (env, route) = call.build().unwrap();
+        assert_eq!(route.routing_key, "celery");
+        let msg = TaskMessage::decode(&env).unwrap();
+        assert_eq!(msg.args, vec![json!(5), json!(4)]);
+        assert_eq!(msg.parent_id.as_deref(), Some(first_msg.id.as_str()));
+        assert_eq!(msg.chain, chain);
+        assert_eq!(env.headers()["argsrepr"], json!("(5, 4)"));
+        // The captured second link has the same header keys in the same order.
+        let python = vector("task_chain_second_published_by_worker");
+        let ours: Vec<&String> = env.headers().keys().collect();
+        let theirs: Vec<&String> = python.headers().keys().collect();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn retry_republish_matches_capture() {
+        let original = vector("task_retry_republish_0");
+        let msg = TaskMessage::decode(&original).unwrap();
+        let python = vector("task_retry_republish_1");
+        let eta = TaskMessage::decode(&python).unwrap().eta.unwrap();
+        let ours = retry_of(&original, &msg, eta);
+        assert_ne!(ours.delivery_tag(), original.delivery_tag());
+        for key in ["retries", "eta", "parent_id", "root_id", "id", "task"] {
+            assert_eq!(ours.headers()[key], python.headers()[key], "{key}");
+        }
+        assert_eq!(ours.body().unwrap(), python.body().unwrap());
+    }
+}

@@ -1,0 +1,173 @@
+//! Messages this worker holds unacknowledged, and what each is doing.
+//!
+//! The table answers three questions: which leases to refresh, which
+//! messages to put back at shutdown, and (later) what `inspect active` /
+//! `reserved` / `scheduled` list. A message leaves it when acked, parked
+//! or restored.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Received, waiting for a slot.
+    Reserved,
+    /// Waiting in memory for its ETA.
+    Scheduled,
+    /// Running in the pool.
+    Active,
+    /// Put back on the queue by shutdown; its handler must stop.
+    Restored,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub task_id: String,
+    pub task_name: String,
+    pub queue: String,
+    pub phase: Phase,
+    /// Whether the message was already acknowledged (early ack); such an
+    /// entry is only tracked for reporting, not for leases or restore.
+    pub acked: bool,
+    pub eta: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Default)]
+pub struct InFlight {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (every update is a single insert/remove/assign).
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, tag: &str, entry: Entry) {
+        self.lock().insert(tag.to_owned(), entry);
+    }
+
+    pub fn remove(&self, tag: &str) -> Option<Entry> {
+        self.lock().remove(tag)
+    }
+
+    /// Moves `tag` to `phase` unless shutdown already restored it; returns
+    /// false when the handler must abandon the message.
+    pub fn advance(&self, tag: &str, phase: Phase) -> bool {
+        match self.lock().get_mut(tag) {
+            Some(e) if e.phase != Phase::Restored => {
+                e.phase = phase;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn mark_acked(&self, tag: &str) {
+        if let Some(e) = self.lock().get_mut(tag) {
+            e.acked = true;
+        }
+    }
+
+    /// Tags whose lease must be kept fresh (everything not yet acked).
+    pub fn lease_tags(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| !e.acked && e.phase != Phase::Restored)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// Marks every not-yet-started message as restored and returns their
+    /// tags, so shutdown can put them back while their handlers stand down.
+    pub fn take_unstarted(&self) -> Vec<String> {
+        let mut map = self.lock();
+        let mut tags = Vec::new();
+        for (tag, e) in map.iter_mut() {
+            if matches!(e.phase, Phase::Reserved | Phase::Scheduled) && !e.acked {
+                e.phase = Phase::Restored;
+                tags.push(tag.clone());
+            }
+        }
+        tags
+    }
+
+    /// Marks running, unacked (late-ack) messages as restored: used when a
+    /// shutdown gives up waiting for them.
+    pub fn take_running_unacked(&self) -> Vec<(String, Entry)> {
+        let mut map = self.lock();
+        let mut out = Vec::new();
+        for (tag, e) in map.iter_mut() {
+            if e.phase == Phase::Active && !e.acked {
+                e.phase = Phase::Restored;
+                out.push((tag.clone(), e.clone()));
+            }
+        }
+        out
+    }
+
+    pub fn count(&self, phase: Phase) -> usize {
+        self.lock().values().filter(|e| e.phase == phase).count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Running tasks that were acked early: lost if the process must stop.
+    pub fn running_acked(&self) -> Vec<Entry> {
+        self.lock()
+            .values()
+            .filter(|e| e.phase == Phase::Active && e.acked)
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(phase: Phase) -> Entry {
+        Entry {
+            task_id: "id".into(),
+            task_name: "t".into(),
+            queue: "q".into(),
+            phase,
+            acked: false,
+            eta: None,
+        }
+    }
+
+    #[test]
+    fn shutdown_takes_only_unstarted_and_blocks_their_start() {
+        let f = InFlight::default();
+        f.insert("a", entry(Phase::Reserved));
+        f.insert("b", entry(Phase::Active));
+        f.insert("c", entry(Phase::Scheduled));
+        let mut taken = f.take_unstarted();
+        taken.sort();
+        assert_eq!(taken, vec!["a", "c"]);
+        assert!(
+            !f.advance("a", Phase::Active),
+            "a restored message must not start"
+        );
+        assert_eq!(f.lease_tags(), vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn acked_entries_need_no_lease() {
+        let f = InFlight::default();
+        f.insert("a", entry(Phase::Active));
+        f.mark_acked("a");
+        assert!(f.lease_tags().is_empty());
+        assert_eq!(f.running_acked().len(), 1);
+    }
+}

@@ -1,0 +1,338 @@
+//! One message's life, from the moment it is reserved to its ack.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use tasks::{CancelFlag, ProgressSink};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tracing::Instrument;
+
+use super::inflight::{Entry, Phase};
+use super::outcome::{self, Finish};
+use super::{preview, Ctx};
+use crate::broker::Delivery;
+use crate::pool::Job;
+use crate::protocol::result::exception_value;
+use crate::protocol::{DecodeError, State, StateDoc, TaskMessage};
+
+/// Decodes a delivery and records it as held, synchronously, so that a
+/// shutdown starting right after the fetch already knows about it. Returns
+/// the rest of its life as a future (malformed and refused messages are
+/// dead-lettered or failed inside it).
+pub(crate) fn accept(
+    ctx: Arc<Ctx>,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    let tag = delivery.envelope.delivery_tag().to_owned();
+    let decoded = TaskMessage::decode(&delivery.envelope);
+    let (task_id, task_name) = match &decoded {
+        Ok(m) => (m.id.clone(), m.task.clone()),
+        Err(DecodeError::Refused {
+            task_id, task_name, ..
+        }) => (task_id.clone(), task_name.clone().unwrap_or_default()),
+        Err(_) => (String::new(), String::new()),
+    };
+    ctx.inflight.insert(
+        &tag,
+        Entry {
+            task_id: task_id.clone(),
+            task_name: task_name.clone(),
+            queue: delivery.queue.clone(),
+            phase: Phase::Reserved,
+            acked: false,
+            eta: decoded.as_ref().ok().and_then(|m| m.eta),
+        },
+    );
+    let span = tracing::info_span!("task", task_id = %task_id, task_name = %task_name);
+    async move {
+            match decoded {
+                Ok(msg) => life(&ctx, &delivery, &tag, msg, permit).await,
+                Err(DecodeError::Refused { content_type, task_id, .. }) => {
+                    refuse(&ctx, &delivery, &tag, &task_id, &content_type).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        queue = %delivery.queue,
+                        size = delivery.raw.len(),
+                        preview = %preview(&delivery.raw),
+                        error = %e,
+                        "malformed task message moved to the dead-letter list"
+                    );
+                    if let Err(err) = ctx
+                        .broker
+                        .dead_letter(Some(&tag), &delivery.queue, &delivery.raw, &e.to_string())
+                        .await
+                    {
+                        tracing::error!(error = %err, "could not dead-letter; the restore sweep will retry it");
+                    }
+                }
+            }
+            ctx.inflight.remove(&tag);
+        }
+        .instrument(span)
+}
+
+/// A pickle (or other refused) payload: tell the producer how to fix it.
+async fn refuse(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, content_type: &str) {
+    let hint = if content_type == "application/x-python-serialize" {
+        " (pickle)"
+    } else {
+        ""
+    };
+    let message = format!(
+        "Refusing to deserialize a message of content type {content_type:?}{hint}: tori-worker only \
+         accepts JSON and msgpack. Configure the producer with task_serializer='json' \
+         (and accept_content=['json'])."
+    );
+    tracing::error!(queue = %delivery.queue, %content_type, "refused message content type; storing FAILURE");
+    let doc = StateDoc::new(
+        task_id,
+        State::Failure,
+        exception_value("kombu.exceptions", "ContentDisallowed", &[json!(message)]),
+    );
+    store_then_ack(ctx, &doc, tag).await;
+}
+
+/// Stores a document and acknowledges; if Redis refuses for good, the
+/// message stays unacked and is restored later rather than lost.
+pub(crate) async fn store_then_ack(ctx: &Ctx, doc: &StateDoc, tag: &str) {
+    if let Err(e) = ctx.backend.store(doc).await {
+        tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");
+        return;
+    }
+    ack(ctx, tag).await;
+}
+
+pub(crate) async fn ack(ctx: &Ctx, tag: &str) {
+    match ctx.broker.ack(tag).await {
+        Ok(()) => ctx.inflight.mark_acked(tag),
+        Err(e) => tracing::error!(error = %e, "ack failed; the message may be redelivered"),
+    }
+}
+
+async fn life(
+    ctx: &Arc<Ctx>,
+    delivery: &Delivery,
+    tag: &str,
+    msg: TaskMessage,
+    permit: OwnedSemaphorePermit,
+) {
+    tracing::info!(queue = %delivery.queue, retries = msg.retries, protocol = msg.protocol, "task received");
+
+    // A redelivery of a task that already finished (the worker died between
+    // storing the result and acking) must not run again.
+    if delivery.envelope.redelivered() {
+        match ctx.backend.state_of(&msg.id).await {
+            Ok(Some(state)) if crate::backend::is_final(&state) => {
+                tracing::warn!(%state, "redelivered task already finished; acknowledging without running it again");
+                ack(ctx, tag).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the stored state of a redelivered task")
+            }
+        }
+    }
+
+    let Some(task) = ctx.registry.get(&msg.task) else {
+        tracing::error!("received unregistered task; storing FAILURE NotRegistered");
+        let doc = StateDoc::new(
+            &msg.id,
+            State::Failure,
+            exception_value("celery.exceptions", "NotRegistered", &[json!(msg.task)]),
+        );
+        store_then_ack(ctx, &doc, tag).await;
+        return;
+    };
+
+    if revoke_if_expired(ctx, &msg, tag).await {
+        return;
+    }
+
+    if let Some(eta) = msg.eta {
+        let wait = (eta - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if !wait.is_zero() {
+            if wait > ctx.cfg.eta_horizon
+                || ctx.held_eta.load(std::sync::atomic::Ordering::Relaxed) >= ctx.cfg.max_held_eta
+            {
+                let due = eta.timestamp_millis() as f64 / 1000.0;
+                match ctx.broker.park_eta(delivery, due).await {
+                    Ok(_) => tracing::info!(%eta, "ETA is far off; parked in Redis until due"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not park ETA message; it stays unacked and will be restored")
+                    }
+                }
+                return;
+            }
+            ctx.inflight.advance(tag, Phase::Scheduled);
+            // Waiting ETA tasks do not count against prefetch (as in Celery).
+            drop(permit);
+            ctx.held_eta
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(%eta, "task scheduled");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = ctx.stopped() => {}
+            }
+            ctx.held_eta
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if !ctx.inflight.advance(tag, Phase::Reserved) || ctx.stopping() {
+                return; // shutdown puts it back
+            }
+            if revoke_if_expired(ctx, &msg, tag).await {
+                return;
+            }
+            return run(ctx, delivery, tag, msg, task, None).await;
+        }
+    }
+    run(ctx, delivery, tag, msg, task, Some(permit)).await
+}
+
+/// Expired tasks are never run: REVOKED `["expired"]`, as Celery does.
+async fn revoke_if_expired(ctx: &Ctx, msg: &TaskMessage, tag: &str) -> bool {
+    match msg.expires {
+        Some(expires) if expires <= Utc::now() => {
+            tracing::warn!(%expires, "task expired before it could run; storing REVOKED");
+            let doc = StateDoc::new(
+                &msg.id,
+                State::Revoked,
+                exception_value("celery.exceptions", "TaskRevokedError", &[json!("expired")]),
+            );
+            store_then_ack(ctx, &doc, tag).await;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Forwards PROGRESS reports from the running task to the backend, in
+/// order, and stops before the final state is written.
+struct ChannelProgress(mpsc::UnboundedSender<Value>);
+
+impl ProgressSink for ChannelProgress {
+    fn progress(&self, meta: Value) {
+        let _ = self.0.send(meta);
+    }
+}
+
+async fn run(
+    ctx: &Arc<Ctx>,
+    delivery: &Delivery,
+    tag: &str,
+    msg: TaskMessage,
+    task: Arc<dyn tasks::DynTask>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let slot = tokio::select! {
+        slot = ctx.pool.acquire() => slot,
+        _ = ctx.stopped() => return, // still Reserved: shutdown puts it back
+    };
+    if !ctx.inflight.advance(tag, Phase::Active) {
+        return;
+    }
+    let options = task.options();
+    let acks_late = options.acks_late.unwrap_or(ctx.cfg.acks_late);
+    if !acks_late {
+        ack(ctx, tag).await;
+    }
+    if ctx.cfg.track_started && !(msg.ignore_result || options.ignore_result) {
+        let doc = StateDoc::new(
+            &msg.id,
+            State::Started,
+            json!({"pid": ctx.pool.pids().first().copied().unwrap_or(0), "hostname": ctx.cfg.node_name}),
+        );
+        if let Err(e) = ctx.backend.store(&doc).await {
+            tracing::warn!(error = %e, "could not store STARTED");
+        }
+    }
+
+    let hard = msg
+        .time_limit
+        .hard
+        .or(options.time_limit)
+        .or(ctx.cfg.default_time_limit);
+    let soft = msg
+        .time_limit
+        .soft
+        .or(options.soft_time_limit)
+        .or(ctx.cfg.default_soft_time_limit);
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Value>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let forwarder = {
+        let ctx = ctx.clone();
+        let id = msg.id.clone();
+        tokio::spawn(
+            async move {
+                let write = |meta: Value| {
+                    let doc = StateDoc::new(&id, State::Progress, meta);
+                    let ctx = ctx.clone();
+                    async move {
+                        if let Err(e) = ctx.backend.store(&doc).await {
+                            tracing::warn!(error = %e, "could not store PROGRESS");
+                        }
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        biased;
+                        meta = progress_rx.recv() => match meta {
+                            Some(meta) => write(meta).await,
+                            None => return,
+                        },
+                        _ = &mut done_rx => {
+                            while let Ok(meta) = progress_rx.try_recv() {
+                                write(meta).await;
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
+            .in_current_span(),
+        )
+    };
+    let job = Job {
+        task,
+        id: msg.id.clone(),
+        name: msg.task.clone(),
+        args: msg.args.clone(),
+        kwargs: msg.kwargs.clone(),
+        retries: msg.retries,
+        soft_limit: soft.map(Duration::from_secs_f64),
+        hard_limit: hard.map(Duration::from_secs_f64),
+        cancel: Arc::new(CancelFlag::new()),
+        progress: Arc::new(ChannelProgress(progress_tx)),
+    };
+    tracing::info!("task started");
+    let started = Instant::now();
+    let result =
+        ctx.pool.run(slot, job).await.unwrap_or_else(|_| {
+            crate::pool::JobOutcome::WorkerLost("the pool dropped the job".into())
+        });
+    let runtime = started.elapsed();
+    let _ = done_tx.send(());
+    let _ = forwarder.await;
+
+    outcome::finish(
+        ctx,
+        Finish {
+            delivery,
+            tag,
+            msg: &msg,
+            options: &options,
+            acks_late,
+            runtime,
+            soft_limit: soft,
+        },
+        result,
+    )
+    .await;
+    ctx.processed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    drop(permit);
+}

@@ -1,0 +1,378 @@
+//! The worker: consumes, runs, reports — one message's life in one place.
+//!
+//! Loops running side by side:
+//! - the consumer fetches only while a prefetch permit is free, so at most
+//!   `concurrency × prefetch_multiplier` messages are held (ETA messages
+//!   waiting in memory give their permit back);
+//! - the lease keeper refreshes `unacked_index` scores of held messages,
+//!   so no sweep (ours or a Python worker's) restores a long task;
+//! - the sweeper restores other workers' expired messages and releases
+//!   parked ETA messages that came due.
+//!
+//! Shutdown: warm puts every unstarted message back at once and waits for
+//! running tasks; cold (or a warm timeout) puts back running late-ack
+//! messages too. Nothing acked early is ever re-run; nothing unacked is
+//! ever dropped.
+
+mod inflight;
+mod message;
+mod outcome;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tasks::Registry;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::backend::ResultBackend;
+use crate::broker::{Broker, BrokerConfig, Fetched};
+use crate::config::{PoolKind, WorkerConfig};
+use crate::pool::threads::ThreadPool;
+use crate::pool::Pool;
+use crate::redis_link::{Backoff, RedisLink};
+pub use inflight::{Entry, InFlight, Phase};
+
+/// How the worker was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Running,
+    /// Finish running tasks (up to the soft shutdown timeout).
+    Warm,
+    /// Put everything back now.
+    Cold,
+}
+
+/// Shared state of a running worker.
+pub(crate) struct Ctx {
+    pub cfg: WorkerConfig,
+    pub broker: Broker,
+    pub backend: ResultBackend,
+    pub registry: Registry,
+    pub pool: Arc<dyn Pool>,
+    pub inflight: InFlight,
+    pub prefetch: Arc<Semaphore>,
+    pub held_eta: AtomicUsize,
+    pub stop: watch::Receiver<Stop>,
+    pub last_poll_ok_ms: AtomicI64,
+    pub processed: AtomicU64,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("node", &self.cfg.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ctx {
+    pub fn stopping(&self) -> bool {
+        *self.stop.borrow() != Stop::Running
+    }
+
+    /// Resolves when a stop is requested.
+    pub async fn stopped(&self) {
+        let mut rx = self.stop.clone();
+        let _ = rx.wait_for(|s| *s != Stop::Running).await;
+    }
+}
+
+/// A configured worker, ready to run.
+#[derive(Debug)]
+pub struct Worker {
+    ctx: Arc<Ctx>,
+    stop_tx: watch::Sender<Stop>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Worker {
+    pub fn new(cfg: WorkerConfig, registry: Registry) -> anyhow::Result<Self> {
+        // BRPOP waits 1 s; give its replies ample time before calling the
+        // connection dead. Other commands are quick.
+        let broker_link = RedisLink::open(&cfg.broker_url, "broker", Duration::from_secs(10))?;
+        let blocking = RedisLink::open(&cfg.broker_url, "consumer", Duration::from_secs(10))?;
+        let backend_link = RedisLink::open(&cfg.backend_url, "backend", Duration::from_secs(10))?;
+        let broker = Broker::new(
+            broker_link,
+            blocking,
+            BrokerConfig {
+                queues: cfg.queues.clone(),
+                keys: crate::broker::keys::Keys::new(&cfg.key_prefix, &cfg.dead_letter_key),
+                visibility_timeout: cfg.visibility_timeout,
+                worker_name: cfg.node_name.clone(),
+            },
+        );
+        let backend = ResultBackend::new(backend_link, "", cfg.result_expires);
+        let pool: Arc<dyn Pool> = match cfg.pool {
+            PoolKind::Threads => Arc::new(ThreadPool::new("threads", cfg.concurrency)),
+            PoolKind::Solo => Arc::new(ThreadPool::new("solo", 1)),
+        };
+        let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+        let prefetch = Arc::new(Semaphore::new(cfg.concurrency * cfg.prefetch_multiplier));
+        Ok(Self {
+            ctx: Arc::new(Ctx {
+                cfg,
+                broker,
+                backend,
+                registry,
+                pool,
+                inflight: InFlight::default(),
+                prefetch,
+                held_eta: AtomicUsize::new(0),
+                stop: stop_rx,
+                last_poll_ok_ms: AtomicI64::new(now_ms()),
+                processed: AtomicU64::new(0),
+            }),
+            stop_tx,
+        })
+    }
+
+    /// A handle that asks the worker to stop.
+    pub fn stopper(&self) -> watch::Sender<Stop> {
+        self.stop_tx.clone()
+    }
+
+    /// Runs until stopped; returns after everything held was put back or
+    /// finished.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        tracing::info!(
+            node = %cfg.node_name,
+            broker = %ctx.broker.link().url_for_logs(),
+            queues = ?cfg.queues,
+            concurrency = cfg.concurrency,
+            pool = ctx.pool.kind(),
+            tasks = ?ctx.registry.names().collect::<Vec<_>>(),
+            "tori-worker starting"
+        );
+        ctx.broker.declare_queues(&cfg.queues).await?;
+        match ctx.broker.restore_visible().await {
+            Ok(n) if n > 0 => {
+                tracing::warn!(restored = n, "restored messages abandoned by dead workers")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "startup restore sweep failed; will retry"),
+        }
+
+        let background = TaskTracker::new();
+        background.spawn(lease_keeper(ctx.clone()));
+        background.spawn(sweeper(ctx.clone()));
+        background.spawn(eta_releaser(ctx.clone()));
+        background.close();
+
+        let handlers = TaskTracker::new();
+        tracing::info!(node = %cfg.node_name, "worker ready");
+        consume(&ctx, &handlers).await;
+        handlers.close();
+
+        let mode = *ctx.stop.borrow();
+        shutdown(&ctx, &handlers, mode).await;
+        // Background loops watch the same stop signal.
+        let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+        drop(self.stop_tx);
+        tracing::info!(
+            processed = ctx.processed.load(Ordering::Relaxed),
+            "worker stopped"
+        );
+        Ok(())
+    }
+}
+
+/// Largest batch taken in one atomic fetch.
+const MAX_BATCH: usize = 64;
+
+async fn consume(ctx: &Arc<Ctx>, handlers: &TaskTracker) {
+    let mut order = ctx.cfg.queues.clone();
+    let mut backoff = Backoff::default();
+    let mut stalled_logged = false;
+    loop {
+        let first = tokio::select! {
+            permit = ctx.prefetch.clone().acquire_owned() => permit.expect("prefetch semaphore is never closed"),
+            _ = ctx.stopped() => break,
+        };
+        if ctx.stopping() {
+            break;
+        }
+        let mut permits = vec![first];
+        while permits.len() < MAX_BATCH {
+            match ctx.prefetch.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        // Never cancel a fetch: a BRPOP whose reply is dropped loses the
+        // message. It returns within a second, so stopping stays prompt.
+        match ctx
+            .broker
+            .fetch(&mut order, permits.len(), Duration::from_secs(1))
+            .await
+        {
+            Ok(items) => {
+                ctx.last_poll_ok_ms.store(now_ms(), Ordering::Relaxed);
+                if backoff.attempts > 0 || stalled_logged {
+                    tracing::info!("broker connection recovered; consuming again");
+                    stalled_logged = false;
+                }
+                backoff.reset();
+                for item in items {
+                    let permit = permits.pop().expect("never fetch more than permits");
+                    match item {
+                        Fetched::Message(delivery) => {
+                            handlers.spawn(message::accept(ctx.clone(), delivery, permit));
+                        }
+                        Fetched::DeadLettered { queue, raw } => {
+                            tracing::error!(
+                                queue,
+                                size = raw.len(),
+                                preview = %preview(&raw),
+                                dead_letter = %ctx.broker.keys().dead_letter,
+                                "malformed envelope moved to the dead-letter list"
+                            );
+                        }
+                        Fetched::Unreadable {
+                            queue,
+                            raw,
+                            tag,
+                            error,
+                        } => {
+                            tracing::error!(queue, size = raw.len(), preview = %preview(&raw), %error, "unreadable message; moving it to the dead-letter list");
+                            let ctx = ctx.clone();
+                            handlers.spawn(async move {
+                                if let Err(e) = ctx.broker.dead_letter(Some(&tag), &queue, &raw, &error).await {
+                                    tracing::error!(error = %e, "could not dead-letter; the restore sweep will retry it");
+                                }
+                                drop(permit);
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                let since =
+                    (now_ms() - ctx.last_poll_ok_ms.load(Ordering::Relaxed)) as f64 / 1000.0;
+                tracing::warn!(error = %e, seconds_since_last_poll = since, retry_in_ms = delay.as_millis() as u64, "broker poll failed");
+                stalled_logged = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.stopped() => break,
+                }
+            }
+        }
+    }
+}
+
+/// The first 200 characters of a message, for logs.
+pub(crate) fn preview(raw: &str) -> String {
+    let mut s: String = raw.chars().take(200).collect();
+    if raw.chars().count() > 200 {
+        s.push('…');
+    }
+    s
+}
+
+async fn shutdown(ctx: &Arc<Ctx>, handlers: &TaskTracker, mode: Stop) {
+    let unstarted = ctx.inflight.take_unstarted();
+    let mut restored = 0;
+    for tag in &unstarted {
+        match ctx.broker.restore(tag, false).await {
+            Ok(true) => restored += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(delivery_tag = %tag, error = %e, "could not restore at shutdown; the visibility timeout will")
+            }
+        }
+    }
+    tracing::info!(
+        restored,
+        ?mode,
+        "shutdown: unstarted messages put back on their queues"
+    );
+
+    let wait = match mode {
+        Stop::Cold => Duration::ZERO,
+        _ => ctx.cfg.soft_shutdown_timeout,
+    };
+    if tokio::time::timeout(wait, handlers.wait()).await.is_ok() {
+        return;
+    }
+    for (tag, entry) in ctx.inflight.take_running_unacked() {
+        match ctx.broker.restore(&tag, false).await {
+            Ok(_) => {
+                tracing::warn!(task_id = %entry.task_id, task_name = %entry.task_name, "running task interrupted by shutdown; message restored, it will run again")
+            }
+            Err(e) => {
+                tracing::error!(task_id = %entry.task_id, error = %e, "could not restore a running task; the visibility timeout will")
+            }
+        }
+    }
+    for entry in ctx.inflight.running_acked() {
+        tracing::error!(task_id = %entry.task_id, task_name = %entry.task_name, "running task was acknowledged early and is interrupted by shutdown (use acks_late to have it re-run)");
+    }
+}
+
+/// How often leases are refreshed: well inside the visibility timeout.
+fn lease_interval(visibility_timeout: Duration) -> Duration {
+    (visibility_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(60))
+}
+
+async fn lease_keeper(ctx: Arc<Ctx>) {
+    let every = lease_interval(ctx.cfg.visibility_timeout);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = ctx.stopped() => {
+                if ctx.inflight.is_empty() { return; }
+                // Keep leases fresh while running tasks finish.
+                tokio::time::sleep(every).await;
+            }
+        }
+        let tags = ctx.inflight.lease_tags();
+        if let Err(e) = ctx.broker.refresh_leases(&tags).await {
+            tracing::warn!(error = %e, held = tags.len(), "could not refresh leases");
+        }
+        if ctx.stopping() && ctx.inflight.is_empty() {
+            return;
+        }
+    }
+}
+
+async fn sweeper(ctx: Arc<Ctx>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.cfg.restore_interval) => {}
+            _ = ctx.stopped() => return,
+        }
+        match ctx.broker.restore_visible().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                restored = n,
+                "restored messages whose worker stopped renewing them"
+            ),
+            Err(e) => tracing::warn!(error = %e, "restore sweep failed"),
+        }
+    }
+}
+
+async fn eta_releaser(ctx: Arc<Ctx>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = ctx.stopped() => return,
+        }
+        match ctx.broker.release_due_eta(Duration::from_secs(2)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                released = n,
+                "parked ETA messages are due; back on their queues"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not release parked ETA messages"),
+        }
+    }
+}

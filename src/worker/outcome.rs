@@ -1,0 +1,423 @@
+//! What happens after a task ran: result, workflow messages, ack.
+//!
+//! Order matters and follows Celery: workflow messages (retry republish,
+//! chain links, callbacks) are published before the state is stored, and
+//! the message is acked last — a crash in between re-runs the task rather
+//! than losing its continuation.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use tasks::task::py_repr;
+use tasks::{PyException, TaskError, TaskOptions};
+
+use super::message::{ack, store_then_ack};
+use super::Ctx;
+use crate::broker::Delivery;
+use crate::pool::JobOutcome;
+use crate::protocol::outgoing::{retry_of, SignatureCall};
+use crate::protocol::result::{child_ref, exception_value, Extended};
+use crate::protocol::{State, StateDoc, TaskMessage};
+
+pub(crate) struct Finish<'a> {
+    pub delivery: &'a Delivery,
+    pub tag: &'a str,
+    pub msg: &'a TaskMessage,
+    pub options: &'a TaskOptions,
+    pub acks_late: bool,
+    pub runtime: Duration,
+    pub soft_limit: Option<f64>,
+}
+
+impl Finish<'_> {
+    fn doc(&self, ctx: &Ctx, state: State, result: Value) -> StateDoc {
+        let mut doc = StateDoc::new(&self.msg.id, state, result);
+        doc.group_id = self.msg.group.clone();
+        doc.parent_id = self.msg.parent_id.clone();
+        if ctx.cfg.result_extended {
+            doc.extended = Some(Extended {
+                name: self.msg.task.clone(),
+                args: self.msg.args.clone(),
+                kwargs: self.msg.kwargs.clone(),
+                worker: ctx.cfg.node_name.clone(),
+                retries: self.msg.retries,
+                queue: self.delivery.queue.clone(),
+            });
+        }
+        doc
+    }
+
+    fn ignore_result(&self) -> bool {
+        self.msg.ignore_result || self.options.ignore_result
+    }
+}
+
+fn exc_value(e: &PyException) -> Value {
+    exception_value(&e.module, &e.name, &e.args)
+}
+
+/// A Python-looking traceback, so tools that show `traceback` show where
+/// the failure came from.
+fn traceback_text(f: &Finish<'_>, e: &PyException, detail: Option<&str>) -> String {
+    let mut tb = format!(
+        "Traceback (most recent call last):\n  File \"tori-worker\", task {}[{}]\n",
+        f.msg.task, f.msg.id
+    );
+    if let Some(detail) = detail {
+        for line in detail.lines() {
+            tb.push_str("    ");
+            tb.push_str(line);
+            tb.push('\n');
+        }
+    }
+    let qualified = if e.module == "builtins" {
+        e.name.clone()
+    } else {
+        format!("{}.{}", e.module, e.name)
+    };
+    tb.push_str(&format!("{qualified}: {}\n", e.message()));
+    tb
+}
+
+pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
+    let secs = f.runtime.as_secs_f64();
+    let failure = match outcome {
+        JobOutcome::Finished {
+            result: Ok(value), ..
+        } => {
+            return succeed(ctx, &f, value, secs).await;
+        }
+        JobOutcome::Finished {
+            result:
+                Err(TaskError::Retry {
+                    countdown,
+                    reason,
+                    max_retries,
+                }),
+            ..
+        } => {
+            return retry(ctx, &f, countdown, reason, max_retries).await;
+        }
+        JobOutcome::Finished {
+            result: Err(TaskError::Reject { requeue, reason }),
+            ..
+        } => {
+            return reject(ctx, &f, requeue, reason).await;
+        }
+        JobOutcome::Finished {
+            result:
+                Err(TaskError::Failed {
+                    exception,
+                    traceback,
+                }),
+            ..
+        } => (exception, traceback),
+        JobOutcome::Finished {
+            result: Err(TaskError::SoftTimeLimitExceeded),
+            ..
+        } => (
+            PyException::new(
+                "celery.exceptions",
+                "SoftTimeLimitExceeded",
+                format!(
+                    "soft time limit ({}s) exceeded",
+                    f.soft_limit.unwrap_or_default()
+                ),
+            ),
+            None,
+        ),
+        JobOutcome::Panicked(message) => (
+            PyException::new(
+                "tori.exceptions",
+                "TaskPanicked",
+                format!("task panicked: {message}"),
+            ),
+            None,
+        ),
+        JobOutcome::HardTimeLimit(limit) => (
+            PyException::new(
+                "celery.exceptions",
+                "TimeLimitExceeded",
+                format!("hard time limit ({}s) exceeded", limit.as_secs_f64()),
+            ),
+            None,
+        ),
+        JobOutcome::WorkerLost(why) => (
+            PyException::new("billiard.exceptions", "WorkerLostError", why),
+            None,
+        ),
+    };
+    fail(ctx, &f, failure.0, failure.1, secs).await;
+}
+
+async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
+    let mut children = Vec::new();
+    let root = f.msg.root_id.clone().unwrap_or_else(|| f.msg.id.clone());
+    let origin = ctx.cfg.node_name.clone();
+    // Chain: the next link is the last element; it gets the rest.
+    let mut chain = f.msg.chain.clone();
+    let mut next_calls: Vec<(Value, Vec<Value>)> = Vec::new();
+    if let Some(next) = chain.pop() {
+        next_calls.push((next, chain));
+    }
+    for cb in &f.msg.callbacks {
+        next_calls.push((cb.clone(), Vec::new()));
+    }
+    for (sig, rest) in &next_calls {
+        let call = SignatureCall {
+            signature: sig,
+            parent_result: Some(&value),
+            parent_id: &f.msg.id,
+            root_id: &root,
+            chain: rest.clone(),
+            origin: &origin,
+            default_queue: &f.delivery.queue,
+        };
+        match call.build() {
+            Some((env, route)) => {
+                let id = env
+                    .headers()
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                if let Err(e) = ctx
+                    .broker
+                    .publish(&env, &route.exchange, &route.routing_key)
+                    .await
+                {
+                    tracing::error!(error = %e, "could not publish the next workflow task; leaving the message unacked");
+                    return;
+                }
+                children.push(child_ref(&id));
+            }
+            None => {
+                tracing::error!(signature = %sig, "cannot publish this workflow signature (no task name); skipped")
+            }
+        }
+    }
+    if let Some(body) = &f.msg.chord {
+        break_chord(ctx, f, body).await;
+    }
+    tracing::info!(runtime = secs, result = %truncate(&py_repr(&value), 200), "task succeeded");
+    if f.ignore_result() {
+        if f.acks_late {
+            ack(ctx, f.tag).await;
+        }
+        return;
+    }
+    let mut doc = f.doc(ctx, State::Success, value);
+    doc.children = Some(children);
+    finish_with(ctx, f, &doc).await;
+}
+
+/// Chord counting (SPEC §3.7) is not implemented yet. Rather than leave
+/// the chord's caller waiting forever, its body gets a FAILURE that says
+/// why.
+async fn break_chord(ctx: &Ctx, f: &Finish<'_>, body: &Value) {
+    let Some(body_id) = body
+        .get("options")
+        .and_then(|o| o.get("task_id"))
+        .and_then(Value::as_str)
+    else {
+        return;
+    };
+    let message = format!(
+        "tori-worker cannot complete chords yet: header task {}[{}] ran, but the chord body was \
+         not called. Run chords on Python workers for now.",
+        f.msg.task, f.msg.id
+    );
+    tracing::error!(chord_body = body_id, "chord header task: chord bodies are not supported; storing FAILURE ChordError for the body");
+    let doc = StateDoc::new(
+        body_id,
+        State::Failure,
+        exception_value("celery.exceptions", "ChordError", &[json!(message)]),
+    );
+    if let Err(e) = ctx.backend.store(&doc).await {
+        tracing::error!(error = %e, "could not store the chord body FAILURE");
+    }
+}
+
+async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<String>, secs: f64) {
+    tracing::error!(runtime = secs, exception = %exc.repr(), "task failed");
+    let root = f.msg.root_id.clone().unwrap_or_else(|| f.msg.id.clone());
+    let origin = ctx.cfg.node_name.clone();
+    // Errbacks get the failed task's id (Celery's old-style errback call;
+    // new-style `(request, exc, traceback)` errbacks need Python objects).
+    let id_value = json!(f.msg.id);
+    for sig in &f.msg.errbacks {
+        let call = SignatureCall {
+            signature: sig,
+            parent_result: Some(&id_value),
+            parent_id: &f.msg.id,
+            root_id: &root,
+            chain: Vec::new(),
+            origin: &origin,
+            default_queue: &f.delivery.queue,
+        };
+        if let Some((env, route)) = call.build() {
+            if let Err(e) = ctx
+                .broker
+                .publish(&env, &route.exchange, &route.routing_key)
+                .await
+            {
+                tracing::error!(error = %e, "could not publish errback");
+            }
+        }
+    }
+    if f.ignore_result() {
+        if f.acks_late {
+            ack(ctx, f.tag).await;
+        }
+        return;
+    }
+    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
+    doc.traceback = Some(traceback.unwrap_or_else(|| traceback_text(f, &exc, None)));
+    finish_with(ctx, f, &doc).await;
+}
+
+/// Stores the final document, then acks if acking late.
+async fn finish_with(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
+    if f.acks_late {
+        store_then_ack(ctx, doc, f.tag).await;
+    } else if let Err(e) = ctx.backend.store(doc).await {
+        tracing::error!(error = %e, "could not store the result");
+    }
+}
+
+/// Delay before the next attempt: explicit countdown, else backoff, else
+/// the task's default delay (Celery's rules).
+fn retry_delay(options: &TaskOptions, retries: u32, countdown: Option<f64>) -> f64 {
+    if let Some(c) = countdown {
+        return c.max(0.0);
+    }
+    match options.retry_backoff {
+        Some(base) => {
+            let delay = (base * 2f64.powi(retries.min(30) as i32)).min(options.retry_backoff_max);
+            if options.retry_jitter {
+                fastrand::f64() * delay
+            } else {
+                delay
+            }
+        }
+        None => options.default_retry_delay,
+    }
+}
+
+async fn retry(
+    ctx: &Ctx,
+    f: &Finish<'_>,
+    countdown: Option<f64>,
+    reason: Option<PyException>,
+    max_retries: Option<Option<u32>>,
+) {
+    let limit = max_retries.unwrap_or(f.options.max_retries);
+    if let Some(limit) = limit {
+        if f.msg.retries >= limit {
+            let exc = reason.unwrap_or_else(|| {
+                PyException::new(
+                    "celery.exceptions",
+                    "MaxRetriesExceededError",
+                    format!(
+                        "Can't retry {}[{}] args:{} kwargs:{}",
+                        f.msg.task,
+                        f.msg.id,
+                        py_repr(&Value::Array(f.msg.args.clone())),
+                        py_repr(&Value::Object(f.msg.kwargs.clone()))
+                    ),
+                )
+            });
+            tracing::warn!(
+                retries = f.msg.retries,
+                max_retries = limit,
+                "retry limit reached"
+            );
+            return fail(ctx, f, exc, None, f.runtime.as_secs_f64()).await;
+        }
+    }
+    let delay = retry_delay(f.options, f.msg.retries, countdown);
+    let eta = Utc::now() + chrono::Duration::milliseconds((delay * 1000.0) as i64);
+    let republished = retry_of(&f.delivery.envelope, f.msg, eta);
+    if let Err(e) = ctx
+        .broker
+        .publish(
+            &republished,
+            f.delivery.envelope.exchange(),
+            f.delivery.envelope.routing_key(),
+        )
+        .await
+    {
+        tracing::error!(error = %e, "could not republish the retry; leaving the message unacked");
+        return;
+    }
+    let shown = reason.clone().unwrap_or_else(|| {
+        PyException::new("celery.exceptions", "Retry", format!("Retry in {delay}s"))
+    });
+    tracing::warn!(countdown = delay, retries = f.msg.retries + 1, reason = %shown.repr(), "task will be retried");
+    let mut doc = f.doc(ctx, State::Retry, exc_value(&shown));
+    doc.traceback = Some(traceback_text(
+        f,
+        &PyException::new(
+            "celery.exceptions",
+            "Retry",
+            format!("Retry in {delay}s: {}", shown.repr()),
+        ),
+        None,
+    ));
+    doc.children = Some(vec![child_ref(&f.msg.id)]);
+    if f.ignore_result() {
+        ack(ctx, f.tag).await;
+    } else {
+        store_then_ack(ctx, &doc, f.tag).await;
+    }
+}
+
+async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
+    tracing::warn!(requeue, %reason, "task rejected its message");
+    if requeue {
+        if let Err(e) = ctx.broker.restore(f.tag, true).await {
+            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
+        }
+        return;
+    }
+    let doc = f.doc(
+        ctx,
+        State::Failure,
+        exception_value(
+            "celery.exceptions",
+            "Reject",
+            &[json!(reason), json!(false)],
+        ),
+    );
+    store_then_ack(ctx, &doc, f.tag).await;
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(max).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_follows_celery_rules() {
+        let mut o = TaskOptions::default();
+        assert_eq!(retry_delay(&o, 0, Some(2.0)), 2.0);
+        assert_eq!(retry_delay(&o, 0, None), 180.0);
+        o.retry_backoff = Some(1.0);
+        o.retry_backoff_max = 10.0;
+        assert_eq!(retry_delay(&o, 0, None), 1.0);
+        assert_eq!(retry_delay(&o, 3, None), 8.0);
+        assert_eq!(retry_delay(&o, 10, None), 10.0);
+        o.retry_jitter = true;
+        assert!(retry_delay(&o, 3, None) <= 8.0);
+    }
+}
