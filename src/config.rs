@@ -32,11 +32,24 @@ pub enum Command {
         /// Print JSON (for the Python bridge's drift check).
         #[arg(long)]
         json: bool,
+        /// Include the `tori.chaos.*` tasks.
+        #[arg(long)]
+        enable_chaos_tasks: bool,
+    },
+    /// A prefork pool process (started by the worker, not by hand).
+    #[command(hide = true)]
+    PoolChild {
+        #[arg(long, default_value = "info")]
+        loglevel: String,
+        #[arg(long)]
+        enable_chaos_tasks: bool,
     },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PoolKind {
+    /// Child processes with warm task state, isolated from each other.
+    Prefork,
     /// One blocking thread per slot, inside the worker process.
     Threads,
     /// One task at a time, inside the worker process.
@@ -68,7 +81,7 @@ pub struct WorkerArgs {
     #[arg(short = 'c', long)]
     pub concurrency: Option<usize>,
 
-    #[arg(short = 'P', long, value_enum, default_value_t = PoolKind::Threads)]
+    #[arg(short = 'P', long, value_enum, default_value_t = PoolKind::Prefork)]
     pub pool: PoolKind,
 
     /// Node name; %h = host name, %n = its first label, %d = its domain.
@@ -148,13 +161,29 @@ pub struct WorkerArgs {
     #[arg(short = 'E', long)]
     pub task_events: bool,
 
-    /// Recycle a worker process after this many tasks (prefork pool).
+    /// Replace a pool process after this many tasks (prefork pool).
     #[arg(long)]
     pub max_tasks_per_child: Option<u64>,
 
-    /// Recycle a worker process above this RSS in KiB (prefork pool).
+    /// Kill a pool process whose RSS goes over this many KiB while it runs
+    /// a task; the task fails with MemoryError naming the cap (prefork).
     #[arg(long)]
     pub max_memory_per_child: Option<u64>,
+
+    /// With late ack, put a task whose pool process died back on the queue
+    /// (Celery's `task_reject_on_worker_lost`) instead of failing it.
+    #[arg(long)]
+    pub reject_on_worker_lost: bool,
+
+    /// How many times a task may be put back after killing its process
+    /// before it fails for good and goes to the dead-letter list.
+    #[arg(long, default_value_t = 3)]
+    pub max_redeliveries: u32,
+
+    /// Register the `tori.chaos.*` tasks (panic, abort, segfault, alloc,
+    /// spin, exit) for fault-injection tests. Never in production.
+    #[arg(long)]
+    pub enable_chaos_tasks: bool,
 }
 
 /// Everything the worker needs, resolved and validated.
@@ -180,6 +209,12 @@ pub struct WorkerConfig {
     pub dead_letter_key: String,
     pub key_prefix: String,
     pub soft_shutdown_timeout: Duration,
+    pub max_tasks_per_child: Option<u64>,
+    pub max_memory_per_child_kib: Option<u64>,
+    pub reject_on_worker_lost: bool,
+    pub max_redeliveries: u32,
+    pub enable_chaos_tasks: bool,
+    pub loglevel: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +303,12 @@ impl WorkerArgs {
             dead_letter_key: self.dead_letter_key.clone(),
             key_prefix: self.key_prefix.clone(),
             soft_shutdown_timeout: positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?,
+            max_tasks_per_child: self.max_tasks_per_child.filter(|n| *n > 0),
+            max_memory_per_child_kib: self.max_memory_per_child.filter(|n| *n > 0),
+            reject_on_worker_lost: self.reject_on_worker_lost,
+            max_redeliveries: self.max_redeliveries,
+            enable_chaos_tasks: self.enable_chaos_tasks,
+            loglevel: self.loglevel.clone(),
         })
     }
 }
@@ -310,6 +351,9 @@ mod tests {
         let cli = Cli::try_parse_from(["tori-worker", "worker", "--broker", "redis://h"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Worker(_))));
         let cli = Cli::try_parse_from(["tori-worker", "tasks", "--json"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Tasks { json: true })));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Tasks { json: true, .. })
+        ));
     }
 }

@@ -16,3 +16,13 @@ pub mod pool;
 pub mod protocol;
 pub mod redis_link;
 pub mod worker;
+
+/// The tasks this build runs; `chaos` adds the fault-injection tasks.
+/// Building it is each process's task initialisation.
+pub fn task_registry(chaos: bool) -> tasks::Registry {
+    let mut registry = tasks::default_registry();
+    if chaos {
+        tasks::chaos::register(&mut registry);
+    }
+    registry
+}

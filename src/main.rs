@@ -24,14 +24,25 @@ fn init_logging(level: &str, format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Tasks { json }) => print_tasks(json),
+        Some(Command::Tasks {
+            json,
+            enable_chaos_tasks,
+        }) => print_tasks(json, enable_chaos_tasks),
+        Some(Command::PoolChild {
+            loglevel,
+            enable_chaos_tasks,
+        }) => {
+            init_logging(&loglevel, LogFormat::Text);
+            let registry = tori_worker::task_registry(enable_chaos_tasks);
+            tori_worker::pool::child::run_child(registry).context("pool process")
+        }
         Some(Command::Worker(args)) => run_worker(*args),
         None => run_worker(cli.worker),
     }
 }
 
-fn print_tasks(json: bool) -> anyhow::Result<()> {
-    let registry = tasks::default_registry();
+fn print_tasks(json: bool, chaos: bool) -> anyhow::Result<()> {
+    let registry = tori_worker::task_registry(chaos);
     if json {
         println!("{}", serde_json::to_string_pretty(&registry.describe())?);
     } else {
@@ -54,7 +65,8 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let worker = Worker::new(cfg, tasks::default_registry())?;
+        let registry = tori_worker::task_registry(cfg.enable_chaos_tasks);
+        let worker = Worker::new(cfg, registry)?;
         let stopper = worker.stopper();
         tokio::spawn(async move {
             if let Err(e) = watch_signals(stopper).await {

@@ -73,8 +73,10 @@ pub struct Keys {
     pub dead_letter: String,
     /// Our sorted set of far-future ETA messages, scored by due time.
     pub eta_parked: String,
-    /// Our hash of delivery counts per task id, for the poison-message guard.
-    pub deliveries: String,
+    /// Prefix of our per-task counters of deliveries that killed their
+    /// process (`tori.lost.<task id>`), for the poison-message guard:
+    /// Redis keeps no redelivery count, so we do.
+    pub lost_prefix: String,
 }
 
 impl Keys {
@@ -86,7 +88,7 @@ impl Keys {
             unacked_mutex: format!("{prefix}unacked_mutex"),
             dead_letter: format!("{prefix}{dead_letter}"),
             eta_parked: format!("{prefix}tori.eta"),
-            deliveries: format!("{prefix}tori.deliveries"),
+            lost_prefix: format!("{prefix}tori.lost."),
         }
     }
 }

@@ -544,6 +544,24 @@ impl Broker {
             .await
     }
 
+    /// Counts one more delivery of `task_id` that killed its pool process
+    /// and returns the total (kept 7 days).
+    pub async fn count_lost_delivery(&self, task_id: &str) -> Result<u64, RedisError> {
+        let key = format!("{}{task_id}", self.config.keys.lost_prefix);
+        let (count,): (u64,) = self
+            .link
+            .retry("count lost delivery", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .incr(&key, 1)
+                    .expire(&key, 7 * 86_400)
+                    .ignore();
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
+        Ok(count)
+    }
+
     /// Length of each consumed queue including its priority lists.
     pub async fn queue_lengths(&self, queues: &[String]) -> Result<Vec<(String, u64)>, RedisError> {
         let prefix = &self.config.keys.prefix;

@@ -5,6 +5,9 @@
 //! (and can be put back on the queue at shutdown) until the moment it
 //! really starts. Knows nothing of Redis.
 
+pub mod child;
+pub mod ipc;
+pub mod prefork;
 pub mod threads;
 
 use std::sync::Arc;
@@ -53,6 +56,9 @@ pub enum JobOutcome {
     Panicked(String),
     /// The hard time limit passed before it finished.
     HardTimeLimit(Duration),
+    /// The process running it went over `--max-memory-per-child` and was
+    /// killed (prefork).
+    MemoryLimit { rss_kib: u64, cap_kib: u64 },
     /// The process running it died (prefork) or the pool went away.
     WorkerLost(String),
 }

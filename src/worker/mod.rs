@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::ResultBackend;
 use crate::broker::{Broker, BrokerConfig, Fetched};
 use crate::config::{PoolKind, WorkerConfig};
+use crate::pool::prefork::{PreforkConfig, PreforkPool};
 use crate::pool::threads::ThreadPool;
 use crate::pool::Pool;
 use crate::redis_link::{Backoff, RedisLink};
@@ -109,6 +110,23 @@ impl Worker {
         );
         let backend = ResultBackend::new(backend_link, "", cfg.result_expires);
         let pool: Arc<dyn Pool> = match cfg.pool {
+            PoolKind::Prefork => {
+                let mut child_args = vec![
+                    "pool-child".to_owned(),
+                    "--loglevel".to_owned(),
+                    cfg.loglevel.clone(),
+                ];
+                if cfg.enable_chaos_tasks {
+                    child_args.push("--enable-chaos-tasks".to_owned());
+                }
+                Arc::new(PreforkPool::start(PreforkConfig {
+                    size: cfg.concurrency,
+                    exe: std::env::current_exe()?,
+                    child_args,
+                    max_tasks_per_child: cfg.max_tasks_per_child,
+                    max_memory_kib: cfg.max_memory_per_child_kib,
+                }))
+            }
             PoolKind::Threads => Arc::new(ThreadPool::new("threads", cfg.concurrency)),
             PoolKind::Solo => Arc::new(ThreadPool::new("solo", 1)),
         };

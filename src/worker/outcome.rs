@@ -143,6 +143,19 @@ pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
             ),
             None,
         ),
+        JobOutcome::MemoryLimit { rss_kib, cap_kib } => (
+            PyException::builtin(
+                "MemoryError",
+                format!(
+                    "task exceeded the memory cap of {cap_kib} KiB (--max-memory-per-child): its \
+                     process reached {rss_kib} KiB and was replaced"
+                ),
+            ),
+            None,
+        ),
+        JobOutcome::WorkerLost(why) if f.acks_late && ctx.cfg.reject_on_worker_lost => {
+            return requeue_lost(ctx, &f, why, secs).await;
+        }
         JobOutcome::WorkerLost(why) => (
             PyException::new("billiard.exceptions", "WorkerLostError", why),
             None,
@@ -370,6 +383,55 @@ async fn retry(
         ack(ctx, f.tag).await;
     } else {
         store_then_ack(ctx, &doc, f.tag).await;
+    }
+}
+
+/// Late-ack task whose process died: put it back, unless it has already
+/// killed its process more than `--max-redeliveries` times — then it is a
+/// poison message: FAILURE, dead-letter list, ack.
+async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
+    let deaths = match ctx.broker.count_lost_delivery(&f.msg.id).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "could not count the lost delivery; leaving the message for the restore sweep");
+            return;
+        }
+    };
+    let max = u64::from(ctx.cfg.max_redeliveries);
+    if deaths <= max {
+        tracing::warn!(deaths, max_redeliveries = max, reason = %why, "pool process died; task put back on its queue");
+        if let Err(e) = ctx.broker.restore(f.tag, true).await {
+            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
+        }
+        return;
+    }
+    let message = format!(
+        "{why}; the task killed its worker process {deaths} times, more than --max-redeliveries={max}, \
+         so it was moved to the dead-letter list"
+    );
+    let exc = PyException::new("billiard.exceptions", "WorkerLostError", message.clone());
+    tracing::error!(
+        runtime = secs,
+        deaths,
+        "poison message: giving up and dead-lettering it"
+    );
+    if !f.ignore_result() {
+        let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
+        doc.traceback = Some(traceback_text(f, &exc, None));
+        if let Err(e) = ctx.backend.store(&doc).await {
+            tracing::error!(error = %e, "could not store the result; leaving the message unacked");
+            return;
+        }
+    }
+    let raw = f.delivery.raw.clone();
+    if let Err(e) = ctx
+        .broker
+        .dead_letter(Some(f.tag), &f.delivery.queue, &raw, &message)
+        .await
+    {
+        tracing::error!(error = %e, "could not dead-letter the poison message");
+    } else {
+        ctx.inflight.mark_acked(f.tag);
     }
 }
 

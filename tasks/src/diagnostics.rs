@@ -1,5 +1,6 @@
 //! Cheap built-in tasks for operations, tests and benchmarks (`tori.*`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -8,8 +9,15 @@ use serde_json::{Map, Value};
 use crate::registry::Registry;
 use crate::task::{PyException, Task, TaskContext, TaskError};
 
+/// How many times this process built a registry: each build is the
+/// per-process initialisation of every task, so with a warm pool it stays
+/// at 1 however many tasks run (`tori.whoami` reports it).
+static REGISTRY_INITS: AtomicU64 = AtomicU64::new(0);
+
 pub fn register(registry: &mut Registry) {
+    REGISTRY_INITS.fetch_add(1, Ordering::SeqCst);
     registry
+        .register(WhoAmI)
         .register(Echo)
         .register(Noop)
         .register(Sleep)
@@ -118,6 +126,25 @@ impl Task for Fail {
 
     fn run(&self, _ctx: &TaskContext<'_>, args: FailArgs) -> Result<(), TaskError> {
         Err(TaskError::runtime(args.message))
+    }
+}
+
+/// `tori.whoami()` → `{"pid": …, "registry_inits": …}`: which process ran
+/// the task and how often that process initialised its tasks.
+#[derive(Debug, Clone, Copy)]
+pub struct WhoAmI;
+
+impl Task for WhoAmI {
+    const NAME: &'static str = "tori.whoami";
+    const PARAMS: &'static [&'static str] = &[];
+    type Args = NoArgs;
+    type Output = Value;
+
+    fn run(&self, _ctx: &TaskContext<'_>, _args: NoArgs) -> Result<Value, TaskError> {
+        Ok(serde_json::json!({
+            "pid": std::process::id(),
+            "registry_inits": REGISTRY_INITS.load(Ordering::SeqCst),
+        }))
     }
 }
 

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Default retry limit, Celery's `Task.max_retries`.
@@ -66,7 +66,7 @@ impl Default for TaskOptions {
 /// The Python client re-creates the exception from these three fields, so
 /// picking a builtin (`builtins.RuntimeError`) makes `AsyncResult.get()`
 /// raise a type Python code already catches.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PyException {
     pub module: String,
     pub name: String,
@@ -131,8 +131,9 @@ pub fn py_repr(value: &Value) -> String {
     }
 }
 
-/// Why a task did not return a value.
-#[derive(Debug, Clone, PartialEq)]
+/// Why a task did not return a value. Serializable because the prefork
+/// pool carries it from a child process to the parent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TaskError {
     /// The task failed; the result becomes FAILURE with this exception.
     Failed {

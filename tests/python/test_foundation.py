@@ -311,6 +311,8 @@ def test_countdown_respected(worker_factory, redis_server, app):
     if time.time() - t_before < 1.8:
         assert later.state not in READY_STATES, "countdown=2 task finished early"
     assert later.get(timeout=20) == echo_result("later")
+    assert as_utc_timestamp(now.date_done) < as_utc_timestamp(later.date_done), \
+        "a task waiting for its countdown blocked the only execution slot"
     done = as_utc_timestamp(later.date_done)
     assert done >= t_before + 2.0 - 0.001, \
         f"countdown=2 task completed {done - t_before:.3f}s after publish"

@@ -1,0 +1,114 @@
+//! The prefork child: `tori-worker pool-child`, started by the parent.
+//!
+//! It initialises its tasks once (building the registry loads models and
+//! native libraries), then runs one job at a time as the parent sends them.
+//! A panic is caught and reported; anything worse (abort, segfault, OOM
+//! kill) ends only this process, and the parent notices the closed pipe.
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Mutex};
+
+use tasks::{CancelFlag, ProgressSink, Registry, TaskContext, TaskError};
+
+use super::ipc::{read_frame, write_frame, FromChild, JobSpec, ToChild};
+use super::threads::panic_message;
+
+/// Frames to the parent; shared by the job loop and progress reports.
+#[derive(Clone)]
+struct Outbox(Arc<Mutex<File>>);
+
+impl Outbox {
+    fn send(&self, msg: &FromChild) {
+        let mut out = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if write_frame(&mut *out, msg).is_err() {
+            // The parent is gone; nothing left to do for anyone.
+            std::process::exit(0);
+        }
+    }
+}
+
+struct FrameProgress(Outbox);
+
+impl ProgressSink for FrameProgress {
+    fn progress(&self, meta: serde_json::Value) {
+        self.0.send(&FromChild::Progress(meta));
+    }
+}
+
+/// Runs the child protocol until the parent closes our stdin.
+pub fn run_child(registry: Registry) -> std::io::Result<()> {
+    // Die with the parent even if it is SIGKILLed: a child must never run
+    // on, holding a message nobody will ack.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // Frames travel on a private copy of stdout; fd 1 then points at stderr
+    // so a task that prints cannot corrupt the protocol.
+    let frames = rustix::io::dup(rustix::stdio::stdout())?;
+    rustix::stdio::dup2_stdout(rustix::stdio::stderr())?;
+    let outbox = Outbox(Arc::new(Mutex::new(File::from(frames))));
+    outbox.send(&FromChild::Ready {
+        pid: std::process::id(),
+    });
+
+    let current: Arc<Mutex<Option<Arc<CancelFlag>>>> = Arc::default();
+    let (jobs_tx, jobs_rx) = mpsc::channel::<JobSpec>();
+    {
+        let current = current.clone();
+        std::thread::Builder::new()
+            .name("tori-child-reader".into())
+            .spawn(move || {
+                let mut stdin = BufReader::new(std::io::stdin().lock());
+                while let Ok(Some(frame)) = read_frame::<ToChild>(&mut stdin) {
+                    match frame {
+                        ToChild::Run(job) => {
+                            if jobs_tx.send(job).is_err() {
+                                break;
+                            }
+                        }
+                        ToChild::Cancel => {
+                            if let Some(flag) =
+                                current.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+                            {
+                                flag.cancel();
+                            }
+                        }
+                    }
+                }
+                // stdin closed: the parent wants us gone (recycling or
+                // shutdown); dropping the sender ends the job loop.
+            })?;
+    }
+
+    let progress = FrameProgress(outbox.clone());
+    for job in jobs_rx {
+        let cancel = Arc::new(CancelFlag::new());
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel.clone());
+        let reply = match registry.get(&job.name) {
+            None => FromChild::Done(Err(TaskError::failed(tasks::PyException::new(
+                "celery.exceptions",
+                "NotRegistered",
+                job.name.clone(),
+            )))),
+            Some(task) => {
+                let ctx = TaskContext {
+                    id: &job.id,
+                    name: &job.name,
+                    retries: job.retries,
+                    cancel: &cancel,
+                    progress: &progress,
+                };
+                match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    task.call(&ctx, job.args, job.kwargs)
+                })) {
+                    Ok(result) => FromChild::Done(result),
+                    Err(payload) => FromChild::Panicked(panic_message(payload.as_ref())),
+                }
+            }
+        };
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        outbox.send(&reply);
+    }
+    let _ = std::io::stderr().flush();
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! The prefork pool: N child processes of this same binary, each with its
+//! tasks initialised once, supervised by the parent.
+//!
+//! Why processes: a panic can be caught in a thread, but an abort or a
+//! segfault inside native code (pdfium, ONNX Runtime) kills the process it
+//! happens in, and a loop that never checks its cancel flag can only be
+//! stopped by killing its process. Here the parent owns every Redis
+//! connection; a child only computes. When a child dies, only its task is
+//! affected: the parent reports it and starts a replacement.
+//!
+//! One supervisor task per child slot. It owns the child, its pipes, and
+//! the limits of the job it runs: soft limit → `Cancel` frame; hard limit
+//! or memory cap → SIGKILL; exit or signal → `WorkerLost`. A supervisor
+//! that is respawning still accepts work: the job waits for the new child.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::BufReader;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+
+use super::ipc::{read_frame_async, write_frame_async, FromChild, JobSpec, ToChild};
+use super::{Job, JobOutcome, Pool, Slot};
+use crate::redis_link::Backoff;
+
+#[derive(Debug, Clone)]
+pub struct PreforkConfig {
+    pub size: usize,
+    /// The binary to start (this one) and its arguments for child mode.
+    pub exe: PathBuf,
+    pub child_args: Vec<String>,
+    pub max_tasks_per_child: Option<u64>,
+    pub max_memory_kib: Option<u64>,
+}
+
+struct Dispatch {
+    job: Job,
+    slot: Slot,
+    reply: oneshot::Sender<JobOutcome>,
+}
+
+/// Why children were replaced, for logs, `inspect stats` and metrics.
+#[derive(Debug, Default)]
+pub struct RestartCounts(Mutex<BTreeMap<&'static str, u64>>);
+
+impl RestartCounts {
+    fn add(&self, cause: &'static str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cause)
+            .or_default() += 1;
+    }
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+struct Shared {
+    pids: Mutex<Vec<Option<u32>>>,
+    idle: Mutex<VecDeque<usize>>,
+    restarts: RestartCounts,
+}
+
+impl Shared {
+    fn set_pid(&self, index: usize, pid: Option<u32>) {
+        self.pids.lock().unwrap_or_else(|p| p.into_inner())[index] = pid;
+    }
+    fn push_idle(&self, index: usize) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(index);
+    }
+}
+
+pub struct PreforkPool {
+    size: usize,
+    slots: Arc<Semaphore>,
+    senders: Vec<mpsc::UnboundedSender<Dispatch>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PreforkPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreforkPool")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreforkPool {
+    /// Starts the supervisors; children start in the background.
+    pub fn start(cfg: PreforkConfig) -> Self {
+        let size = cfg.size.max(1);
+        let shared = Arc::new(Shared {
+            pids: Mutex::new(vec![None; size]),
+            idle: Mutex::new((0..size).collect()),
+            restarts: RestartCounts::default(),
+        });
+        let mut senders = Vec::with_capacity(size);
+        for index in 0..size {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            tokio::spawn(supervise(index, cfg.clone(), rx, shared.clone()));
+        }
+        Self {
+            size,
+            slots: Arc::new(Semaphore::new(size)),
+            senders,
+            shared,
+        }
+    }
+
+    pub fn restarts(&self) -> BTreeMap<&'static str, u64> {
+        self.shared.restarts.snapshot()
+    }
+}
+
+impl Pool for PreforkPool {
+    fn kind(&self) -> &'static str {
+        "prefork"
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn acquire(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Slot> + Send + '_>> {
+        Box::pin(async move {
+            let permit = self
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("pool semaphore is never closed");
+            Slot { _permit: permit }
+        })
+    }
+
+    fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome> {
+        let (reply, rx) = oneshot::channel();
+        // A slot guarantees an idle supervisor: each one gives its place
+        // back before it releases the slot of the job it finished.
+        let index = self
+            .shared
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .expect("a held slot implies an idle supervisor");
+        if let Err(mpsc::error::SendError(d)) =
+            self.senders[index].send(Dispatch { job, slot, reply })
+        {
+            let _ = d
+                .reply
+                .send(JobOutcome::WorkerLost("the pool is shutting down".into()));
+        }
+        rx
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.shared
+            .pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// "signal 11 (SIGSEGV)" or "exit code 3", for error messages.
+fn describe_exit(status: Option<ExitStatus>) -> String {
+    match status {
+        Some(s) => match (s.code(), s.signal()) {
+            (_, Some(sig)) => format!("signal {sig} ({})", signal_name(sig)),
+            (Some(code), None) => format!("exit code {code}"),
+            _ => "unknown status".into(),
+        },
+        None => "unknown status".into(),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Resident set size of a process in KiB, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * (rustix::param::page_size() as u64) / 1024)
+}
+
+struct Running {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    frames: mpsc::UnboundedReceiver<FromChild>,
+    pid: u32,
+}
+
+async fn spawn_child(cfg: &PreforkConfig) -> std::io::Result<Running> {
+    let mut child = Command::new(&cfg.exe)
+        .args(&cfg.child_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, mut frames) = mpsc::unbounded_channel();
+    // Reading a frame is not cancel-safe, so one task owns the reader and
+    // the supervisor selects on the channel instead.
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stdout);
+        while let Ok(Some(frame)) = read_frame_async::<FromChild>(&mut reader).await {
+            if tx.send(frame).is_err() {
+                break;
+            }
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(300), frames.recv()).await {
+        Ok(Some(FromChild::Ready { .. })) => Ok(Running {
+            child,
+            stdin,
+            frames,
+            pid,
+        }),
+        Ok(_) => {
+            let status = child.wait().await.ok();
+            Err(std::io::Error::other(format!(
+                "child {pid} exited during initialisation ({})",
+                describe_exit(status)
+            )))
+        }
+        Err(_) => Err(std::io::Error::other(format!(
+            "child {pid} did not initialise within 300 s"
+        ))),
+    }
+}
+
+/// How a job ended, plus whether the child must be replaced and why.
+struct JobEnd {
+    outcome: JobOutcome,
+    replace: Option<&'static str>,
+}
+
+async fn supervise(
+    index: usize,
+    cfg: PreforkConfig,
+    mut jobs: mpsc::UnboundedReceiver<Dispatch>,
+    shared: Arc<Shared>,
+) {
+    let mut backoff = Backoff::default();
+    let mut pending: Option<Dispatch> = None;
+    'spawn: loop {
+        let mut running = match spawn_child(&cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(child = index, error = %e, retry_in_ms = delay.as_millis() as u64, "could not start a pool process");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        shared.set_pid(index, Some(running.pid));
+        tracing::info!(child = index, pid = running.pid, "pool process ready");
+        let mut served: u64 = 0;
+        loop {
+            let dispatch = match pending.take() {
+                Some(d) => d,
+                None => tokio::select! {
+                    d = jobs.recv() => match d {
+                        Some(d) => d,
+                        None => {
+                            // Pool closed: let the child finish and leave.
+                            drop(running.stdin.take());
+                            let _ = tokio::time::timeout(Duration::from_secs(5), running.child.wait()).await;
+                            shared.set_pid(index, None);
+                            return;
+                        }
+                    },
+                    status = running.child.wait() => {
+                        tracing::warn!(child = index, pid = running.pid, status = %describe_exit(status.ok()), "idle pool process exited; replacing it");
+                        shared.restarts.add("exited-idle");
+                        shared.set_pid(index, None);
+                        continue 'spawn;
+                    }
+                },
+            };
+            let spec = JobSpec {
+                id: dispatch.job.id.clone(),
+                name: dispatch.job.name.clone(),
+                args: dispatch.job.args.clone(),
+                kwargs: dispatch.job.kwargs.clone(),
+                retries: dispatch.job.retries,
+            };
+            let stdin = running.stdin.as_mut().expect("stdin open while serving");
+            if write_frame_async(stdin, &ToChild::Run(spec)).await.is_err() {
+                // The child died before it got the job: the job is intact,
+                // run it on the replacement.
+                tracing::warn!(
+                    child = index,
+                    pid = running.pid,
+                    "pool process gone before it received a job; replacing it"
+                );
+                shared.restarts.add("exited-idle");
+                pending = Some(dispatch);
+                let _ = running.child.start_kill();
+                let _ = running.child.wait().await;
+                shared.set_pid(index, None);
+                continue 'spawn;
+            }
+            let end = watch_job(&cfg, &mut running, &dispatch.job).await;
+            served += 1;
+            let recycle =
+                end.replace.is_none() && cfg.max_tasks_per_child.is_some_and(|max| served >= max);
+            // Give our place back before releasing the slot (see `run`).
+            shared.push_idle(index);
+            let Dispatch { slot, reply, .. } = dispatch;
+            let _ = reply.send(end.outcome);
+            drop(slot);
+            if let Some(cause) = end.replace {
+                shared.restarts.add(cause);
+                shared.set_pid(index, None);
+                continue 'spawn;
+            }
+            if recycle {
+                tracing::info!(
+                    child = index,
+                    pid = running.pid,
+                    served,
+                    "pool process reached --max-tasks-per-child; replacing it"
+                );
+                shared.restarts.add("max-tasks-per-child");
+                drop(running.stdin.take());
+                if tokio::time::timeout(Duration::from_secs(10), running.child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = running.child.start_kill();
+                    let _ = running.child.wait().await;
+                }
+                shared.set_pid(index, None);
+                continue 'spawn;
+            }
+        }
+    }
+}
+
+/// Runs one job to its end, enforcing the soft limit (Cancel frame), the
+/// hard limit and the memory cap (SIGKILL), and noticing the child's death.
+async fn watch_job(cfg: &PreforkConfig, running: &mut Running, job: &Job) -> JobEnd {
+    let started = Instant::now();
+    let soft_at = job.soft_limit.map(|d| started + d);
+    let hard_at = job.hard_limit.map(|d| started + d);
+    let mut soft_sent = false;
+    let mut rss_tick = tokio::time::interval(Duration::from_millis(50));
+    rss_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let sleep_until = |t: Option<Instant>| async move {
+        match t {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending::<()>().await,
+        }
+    };
+    loop {
+        tokio::select! {
+            frame = running.frames.recv() => match frame {
+                Some(FromChild::Progress(meta)) => job.progress.progress(meta),
+                Some(FromChild::Done(result)) => {
+                    return JobEnd { outcome: JobOutcome::Finished { result, pid: running.pid }, replace: None };
+                }
+                Some(FromChild::Panicked(message)) => {
+                    return JobEnd { outcome: JobOutcome::Panicked(message), replace: None };
+                }
+                Some(FromChild::Ready { .. }) => {}
+                None => {
+                    let status = running.child.wait().await.ok();
+                    let how = describe_exit(status);
+                    tracing::error!(pid = running.pid, status = %how, "pool process died while running a task; replacing it");
+                    return JobEnd {
+                        outcome: JobOutcome::WorkerLost(format!("Worker exited prematurely: {how} (pid {})", running.pid)),
+                        replace: Some("died"),
+                    };
+                }
+            },
+            _ = sleep_until(soft_at), if !soft_sent => {
+                soft_sent = true;
+                if let Some(stdin) = running.stdin.as_mut() {
+                    let _ = write_frame_async(stdin, &ToChild::Cancel).await;
+                }
+            }
+            _ = sleep_until(hard_at) => {
+                kill(running).await;
+                tracing::error!(pid = running.pid, "hard time limit reached; pool process killed");
+                return JobEnd {
+                    outcome: JobOutcome::HardTimeLimit(job.hard_limit.unwrap_or_default()),
+                    replace: Some("time-limit"),
+                };
+            }
+            _ = rss_tick.tick(), if cfg.max_memory_kib.is_some() => {
+                let cap = cfg.max_memory_kib.unwrap_or(u64::MAX);
+                if let Some(rss) = rss_kib(running.pid).filter(|rss| *rss > cap) {
+                    kill(running).await;
+                    tracing::error!(pid = running.pid, rss_kib = rss, cap_kib = cap, "memory cap exceeded; pool process killed");
+                    return JobEnd {
+                        outcome: JobOutcome::MemoryLimit { rss_kib: rss, cap_kib: cap },
+                        replace: Some("memory-cap"),
+                    };
+                }
+            }
+        }
+    }
+}
+
+async fn kill(running: &mut Running) {
+    let _ = running.child.start_kill();
+    let _ = running.child.wait().await;
+}

@@ -1,0 +1,148 @@
+//! Tasks that misbehave on purpose (`tori.chaos.*`), registered only with
+//! `--enable-chaos-tasks`. They prove the worker survives what real task
+//! code does on a bad day: panic, abort, segfault, allocate without end,
+//! spin without ever checking for cancellation.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::diagnostics::NoArgs;
+use crate::registry::Registry;
+use crate::task::{Task, TaskContext, TaskError};
+
+pub fn register(registry: &mut Registry) {
+    registry
+        .register(Panic)
+        .register(Abort)
+        .register(Segfault)
+        .register(Alloc)
+        .register(Spin)
+        .register(Exit);
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Panic;
+
+impl Task for Panic {
+    const NAME: &'static str = "tori.chaos.panic";
+    const PARAMS: &'static [&'static str] = &[];
+    type Args = NoArgs;
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext<'_>, _args: NoArgs) -> Result<(), TaskError> {
+        panic!("chaos: panic requested")
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Abort;
+
+impl Task for Abort {
+    const NAME: &'static str = "tori.chaos.abort";
+    const PARAMS: &'static [&'static str] = &[];
+    type Args = NoArgs;
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext<'_>, _args: NoArgs) -> Result<(), TaskError> {
+        std::process::abort()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Segfault;
+
+impl Task for Segfault {
+    const NAME: &'static str = "tori.chaos.segfault";
+    const PARAMS: &'static [&'static str] = &[];
+    type Args = NoArgs;
+    type Output = ();
+
+    #[allow(unsafe_code)]
+    fn run(&self, _ctx: &TaskContext<'_>, _args: NoArgs) -> Result<(), TaskError> {
+        // SAFETY: none — this is the point. It stands for a crash inside
+        // native code (pdfium, ONNX Runtime) that no Rust guard can catch.
+        unsafe {
+            std::ptr::null_mut::<u64>().write_volatile(black_box(1));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Alloc;
+
+#[derive(Debug, Deserialize)]
+pub struct AllocArgs {
+    mib: u64,
+}
+
+impl Task for Alloc {
+    const NAME: &'static str = "tori.chaos.alloc";
+    const PARAMS: &'static [&'static str] = &["mib"];
+    type Args = AllocArgs;
+    type Output = u64;
+
+    /// Allocates and touches `mib` MiB, 16 MiB at a time, like a decoder
+    /// blowing up on a hostile file; it never checks for cancellation.
+    fn run(&self, _ctx: &TaskContext<'_>, args: AllocArgs) -> Result<u64, TaskError> {
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        let chunk = 16 << 20;
+        let mut total = 0u64;
+        while total < args.mib << 20 {
+            held.push(vec![1u8; chunk]);
+            total += chunk as u64;
+            // Give an RSS watcher a chance to see the growth.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        black_box(&held);
+        Ok(args.mib)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Spin;
+
+#[derive(Debug, Deserialize)]
+pub struct SpinArgs {
+    seconds: f64,
+}
+
+impl Task for Spin {
+    const NAME: &'static str = "tori.chaos.spin";
+    const PARAMS: &'static [&'static str] = &["seconds"];
+    type Args = SpinArgs;
+    type Output = u64;
+
+    /// Burns CPU in a loop that never looks at its cancel flag, like a
+    /// parser stuck on a malformed file.
+    fn run(&self, _ctx: &TaskContext<'_>, args: SpinArgs) -> Result<u64, TaskError> {
+        let until = Instant::now() + Duration::from_secs_f64(args.seconds.max(0.0));
+        let mut n = 0u64;
+        while Instant::now() < until {
+            n = black_box(n.wrapping_add(1));
+        }
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Exit;
+
+#[derive(Debug, Deserialize)]
+pub struct ExitArgs {
+    #[serde(default)]
+    code: i32,
+}
+
+impl Task for Exit {
+    const NAME: &'static str = "tori.chaos.exit";
+    const PARAMS: &'static [&'static str] = &["code"];
+    type Args = ExitArgs;
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext<'_>, args: ExitArgs) -> Result<(), TaskError> {
+        std::process::exit(args.code)
+    }
+}
