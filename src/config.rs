@@ -157,7 +157,8 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 60.0)]
     pub soft_shutdown_timeout: f64,
 
-    /// Send task events (accepted now; events arrive with the events work).
+    /// Send task events (Celery's `-E`); monitors can also switch them on
+    /// at run time with `enable_events`. Worker heartbeats are always sent.
     #[arg(short = 'E', long)]
     pub task_events: bool,
 
@@ -215,6 +216,7 @@ pub struct WorkerConfig {
     pub max_redeliveries: u32,
     pub enable_chaos_tasks: bool,
     pub loglevel: String,
+    pub task_events: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +311,7 @@ impl WorkerArgs {
             max_redeliveries: self.max_redeliveries,
             enable_chaos_tasks: self.enable_chaos_tasks,
             loglevel: self.loglevel.clone(),
+            task_events: self.task_events,
         })
     }
 }

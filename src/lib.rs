@@ -12,6 +12,8 @@
 pub mod backend;
 pub mod broker;
 pub mod config;
+pub mod control;
+pub mod events;
 pub mod pool;
 pub mod protocol;
 pub mod redis_link;

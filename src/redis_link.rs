@@ -95,6 +95,12 @@ impl RedisLink {
         })
     }
 
+    /// The underlying client, for connections that are not multiplexed
+    /// (pub/sub subscriptions).
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
     /// The Redis database number (fanout channel names include it).
     pub fn db(&self) -> i64 {
         self.inner

@@ -31,6 +31,8 @@ pub struct Job {
     pub hard_limit: Option<Duration>,
     pub cancel: Arc<CancelFlag>,
     pub progress: Arc<dyn ProgressSink>,
+    /// `revoke(terminate=True)`: stop it now (prefork kills its process).
+    pub terminate: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Job {
@@ -59,6 +61,8 @@ pub enum JobOutcome {
     /// The process running it went over `--max-memory-per-child` and was
     /// killed (prefork).
     MemoryLimit { rss_kib: u64, cap_kib: u64 },
+    /// Revoked with terminate while running.
+    Terminated,
     /// The process running it died (prefork) or the pool went away.
     WorkerLost(String),
 }

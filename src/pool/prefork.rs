@@ -420,6 +420,11 @@ async fn watch_job(cfg: &PreforkConfig, running: &mut Running, job: &Job) -> Job
                     replace: Some("time-limit"),
                 };
             }
+            _ = job.terminate.notified() => {
+                kill(running).await;
+                tracing::warn!(pid = running.pid, "task revoked with terminate; pool process killed");
+                return JobEnd { outcome: JobOutcome::Terminated, replace: Some("terminated") };
+            }
             _ = rss_tick.tick(), if cfg.max_memory_kib.is_some() => {
                 let cap = cfg.max_memory_kib.unwrap_or(u64::MAX);
                 if let Some(rss) = rss_kib(running.pid).filter(|rss| *rss > cap) {

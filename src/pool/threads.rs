@@ -91,6 +91,7 @@ impl Pool for ThreadPool {
         let soft = job.soft_limit;
         let hard = job.hard_limit;
         let cancel = job.cancel.clone();
+        let terminate = job.terminate.clone();
         let task = tokio::task::spawn_blocking(move || {
             let outcome = run_job_here(&job);
             // The slot is held until the thread is really free, even if the
@@ -122,6 +123,12 @@ impl Pool for ThreadPool {
                         break joined.unwrap_or_else(|e| JobOutcome::WorkerLost(format!("task thread failed: {e}")));
                     }
                     _ = &mut soft_timer, if !soft_done => { soft_done = true; }
+                    _ = terminate.notified() => {
+                        // A thread cannot be killed: ask it to stop and
+                        // stop waiting for it.
+                        cancel.cancel();
+                        break JobOutcome::Terminated;
+                    }
                     _ = &mut hard_timer => {
                         cancel.cancel();
                         break JobOutcome::HardTimeLimit(hard.unwrap_or_default());

@@ -234,6 +234,12 @@ impl Envelope {
         );
     }
 
+    /// 1 = transient (events, replies), 2 = persistent (tasks).
+    pub fn set_delivery_mode(&mut self, mode: u8) {
+        self.properties_mut()
+            .insert("delivery_mode".into(), json!(mode));
+    }
+
     pub fn set_header(&mut self, key: &str, value: Value) {
         self.headers_mut().insert(key.to_owned(), value);
     }

@@ -6,9 +6,11 @@
 //! or restored.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -32,6 +34,49 @@ pub struct Entry {
     /// entry is only tracked for reporting, not for leases or restore.
     pub acked: bool,
     pub eta: Option<DateTime<Utc>>,
+    pub args: Value,
+    pub kwargs: Value,
+    pub argsrepr: String,
+    pub kwargsrepr: String,
+    /// Epoch seconds when it started running.
+    pub time_start: Option<f64>,
+    pub worker_pid: Option<u32>,
+    pub exchange: String,
+    pub routing_key: String,
+    pub priority: u8,
+    pub redelivered: bool,
+    /// Notified by `revoke(terminate=True)`: the pool kills the process
+    /// running it.
+    pub terminate: Arc<Notify>,
+}
+
+impl Entry {
+    /// Celery's request-info object (`inspect active/reserved`), keys in
+    /// Celery's order. With `safe`, args/kwargs are their repr strings.
+    pub fn request_info(&self, node: &str, safe: bool) -> Value {
+        let (args, kwargs) = if safe {
+            (json!(self.argsrepr), json!(self.kwargsrepr))
+        } else {
+            (self.args.clone(), self.kwargs.clone())
+        };
+        json!({
+            "id": self.task_id,
+            "name": self.task_name,
+            "args": args,
+            "kwargs": kwargs,
+            "type": self.task_name,
+            "hostname": node,
+            "time_start": self.time_start,
+            "acknowledged": self.acked,
+            "delivery_info": {
+                "exchange": self.exchange,
+                "routing_key": self.routing_key,
+                "priority": self.priority,
+                "redelivered": self.redelivered,
+            },
+            "worker_pid": self.worker_pid,
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +109,31 @@ impl InFlight {
             }
             _ => false,
         }
+    }
+
+    /// Records that the task started running.
+    pub fn set_started(&self, tag: &str, time_start: f64, pid: Option<u32>) {
+        if let Some(e) = self.lock().get_mut(tag) {
+            e.time_start = Some(time_start);
+            e.worker_pid = pid;
+        }
+    }
+
+    /// Entries in `phase`, for inspect replies.
+    pub fn in_phase(&self, phase: Phase) -> Vec<Entry> {
+        self.lock()
+            .values()
+            .filter(|e| e.phase == phase)
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, tag: &str) -> Option<Entry> {
+        self.lock().get(tag).cloned()
+    }
+
+    pub fn by_task_id(&self, task_id: &str) -> Option<Entry> {
+        self.lock().values().find(|e| e.task_id == task_id).cloned()
     }
 
     pub fn mark_acked(&self, tag: &str) {
@@ -143,6 +213,17 @@ mod tests {
             phase,
             acked: false,
             eta: None,
+            args: json!([]),
+            kwargs: json!({}),
+            argsrepr: "()".into(),
+            kwargsrepr: "{}".into(),
+            time_start: None,
+            worker_pid: None,
+            exchange: String::new(),
+            routing_key: "q".into(),
+            priority: 0,
+            redelivered: false,
+            terminate: Arc::default(),
         }
     }
 

@@ -36,6 +36,8 @@ pub(crate) fn accept(
         }) => (task_id.clone(), task_name.clone().unwrap_or_default()),
         Err(_) => (String::new(), String::new()),
     };
+    let msg = decoded.as_ref().ok();
+    let env = &delivery.envelope;
     ctx.inflight.insert(
         &tag,
         Entry {
@@ -44,7 +46,18 @@ pub(crate) fn accept(
             queue: delivery.queue.clone(),
             phase: Phase::Reserved,
             acked: false,
-            eta: decoded.as_ref().ok().and_then(|m| m.eta),
+            eta: msg.and_then(|m| m.eta),
+            args: msg.map(|m| json!(m.args)).unwrap_or(json!([])),
+            kwargs: msg.map(|m| json!(m.kwargs)).unwrap_or(json!({})),
+            argsrepr: msg.map(argsrepr).unwrap_or_default(),
+            kwargsrepr: msg.map(kwargsrepr).unwrap_or_default(),
+            time_start: None,
+            worker_pid: None,
+            exchange: env.exchange().to_owned(),
+            routing_key: env.routing_key().to_owned(),
+            priority: env.priority(),
+            redelivered: env.redelivered(),
+            terminate: Arc::default(),
         },
     );
     let span = tracing::info_span!("task", task_id = %task_id, task_name = %task_name);
@@ -74,6 +87,57 @@ pub(crate) fn accept(
             ctx.inflight.remove(&tag);
         }
         .instrument(span)
+}
+
+/// The args repr Celery shows in events and `inspect`: the producer's
+/// `argsrepr` header when present.
+fn argsrepr(m: &TaskMessage) -> String {
+    m.argsrepr.clone().unwrap_or_else(|| {
+        let parts: Vec<String> = m.args.iter().map(tasks::task::py_repr).collect();
+        if parts.len() == 1 {
+            format!("({},)", parts[0])
+        } else {
+            format!("({})", parts.join(", "))
+        }
+    })
+}
+
+fn kwargsrepr(m: &TaskMessage) -> String {
+    m.kwargsrepr
+        .clone()
+        .unwrap_or_else(|| tasks::task::py_repr(&Value::Object(m.kwargs.clone())))
+}
+
+fn epoch() -> f64 {
+    Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// Stores REVOKED and sends `task-revoked`.
+pub(crate) async fn store_revoked(
+    ctx: &Ctx,
+    task_id: &str,
+    tag: &str,
+    reason: &str,
+    terminated: bool,
+    expired: bool,
+) {
+    let doc = StateDoc::new(
+        task_id,
+        State::Revoked,
+        exception_value("celery.exceptions", "TaskRevokedError", &[json!(reason)]),
+    );
+    store_then_ack(ctx, &doc, tag).await;
+    ctx.events
+        .task(
+            "task-revoked",
+            crate::fields! {
+                "uuid" => task_id,
+                "terminated" => terminated,
+                "signum" => if terminated { Some(15) } else { None },
+                "expired" => expired,
+            },
+        )
+        .await;
 }
 
 /// A pickle (or other refused) payload: tell the producer how to fix it.
@@ -122,6 +186,27 @@ async fn life(
     permit: OwnedSemaphorePermit,
 ) {
     tracing::info!(queue = %delivery.queue, retries = msg.retries, protocol = msg.protocol, "task received");
+    ctx.events
+        .task(
+            "task-received",
+            crate::fields! {
+                "uuid" => msg.id,
+                "name" => msg.task,
+                "args" => argsrepr(&msg),
+                "kwargs" => kwargsrepr(&msg),
+                "root_id" => msg.root_id,
+                "parent_id" => msg.parent_id,
+                "retries" => msg.retries,
+                "eta" => msg.eta.map(crate::protocol::task_message::format_time),
+                "expires" => msg.expires.map(crate::protocol::task_message::format_time),
+            },
+        )
+        .await;
+    if ctx.revoked.contains(&msg.id) {
+        tracing::warn!("task was revoked; discarding it");
+        store_revoked(ctx, &msg.id, tag, "revoked", false, false).await;
+        return;
+    }
 
     // A redelivery of a task that already finished (the worker died between
     // storing the result and acking) must not run again.
@@ -187,6 +272,10 @@ async fn life(
             if revoke_if_expired(ctx, &msg, tag).await {
                 return;
             }
+            if ctx.revoked.contains(&msg.id) {
+                store_revoked(ctx, &msg.id, tag, "revoked", false, false).await;
+                return;
+            }
             return run(ctx, delivery, tag, msg, task, None).await;
         }
     }
@@ -198,12 +287,7 @@ async fn revoke_if_expired(ctx: &Ctx, msg: &TaskMessage, tag: &str) -> bool {
     match msg.expires {
         Some(expires) if expires <= Utc::now() => {
             tracing::warn!(%expires, "task expired before it could run; storing REVOKED");
-            let doc = StateDoc::new(
-                &msg.id,
-                State::Revoked,
-                exception_value("celery.exceptions", "TaskRevokedError", &[json!("expired")]),
-            );
-            store_then_ack(ctx, &doc, tag).await;
+            store_revoked(ctx, &msg.id, tag, "expired", false, true).await;
             true
         }
         _ => false,
@@ -228,13 +312,29 @@ async fn run(
     task: Arc<dyn tasks::DynTask>,
     permit: Option<OwnedSemaphorePermit>,
 ) {
+    let wait = ctx.rate_limits.reserve(&msg.task);
+    if !wait.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.stopped() => return,
+        }
+    }
     let slot = tokio::select! {
         slot = ctx.pool.acquire() => slot,
         _ = ctx.stopped() => return, // still Reserved: shutdown puts it back
     };
+    if ctx.revoked.contains(&msg.id) {
+        store_revoked(ctx, &msg.id, tag, "revoked", false, false).await;
+        return;
+    }
     if !ctx.inflight.advance(tag, Phase::Active) {
         return;
     }
+    let terminate = ctx
+        .inflight
+        .get(tag)
+        .map(|e| e.terminate)
+        .unwrap_or_default();
     let options = task.options();
     let acks_late = options.acks_late.unwrap_or(ctx.cfg.acks_late);
     if !acks_late {
@@ -307,8 +407,14 @@ async fn run(
         hard_limit: hard.map(Duration::from_secs_f64),
         cancel: Arc::new(CancelFlag::new()),
         progress: Arc::new(ChannelProgress(progress_tx)),
+        terminate,
     };
+    ctx.inflight
+        .set_started(tag, epoch(), ctx.pool.pids().first().copied());
     tracing::info!("task started");
+    ctx.events
+        .task("task-started", crate::fields! {"uuid" => msg.id})
+        .await;
     let started = Instant::now();
     let result =
         ctx.pool.run(slot, job).await.unwrap_or_else(|_| {

@@ -17,10 +17,13 @@
 mod inflight;
 mod message;
 mod outcome;
+pub(crate) mod rate_limit;
+pub(crate) mod revoked;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tasks::Registry;
 use tokio::sync::{watch, Semaphore};
@@ -29,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::ResultBackend;
 use crate::broker::{Broker, BrokerConfig, Fetched};
 use crate::config::{PoolKind, WorkerConfig};
+use crate::events::{worker_fields, Events};
 use crate::pool::prefork::{PreforkConfig, PreforkPool};
 use crate::pool::threads::ThreadPool;
 use crate::pool::Pool;
@@ -45,8 +49,11 @@ pub enum Stop {
     Cold,
 }
 
+/// `(soft, hard)` seconds set by the `time_limit` control command.
+pub type TimeLimitOverride = (Option<f64>, Option<f64>);
+
 /// Shared state of a running worker.
-pub(crate) struct Ctx {
+pub struct Ctx {
     pub cfg: WorkerConfig,
     pub broker: Broker,
     pub backend: ResultBackend,
@@ -58,6 +65,18 @@ pub(crate) struct Ctx {
     pub stop: watch::Receiver<Stop>,
     pub last_poll_ok_ms: AtomicI64,
     pub processed: AtomicU64,
+    pub events: Events,
+    pub revoked: revoked::Revoked,
+    pub rate_limits: rate_limit::RateLimits,
+    /// Time limits set at run time by `time_limit`.
+    pub time_limits: Mutex<HashMap<String, TimeLimitOverride>>,
+    /// Tasks finished per name (`inspect stats` → `total`).
+    pub totals: Mutex<BTreeMap<String, u64>>,
+    /// Consumed queues; `add_consumer`/`cancel_consumer` change it.
+    pub queues: RwLock<Vec<String>>,
+    pub started_at: Instant,
+    /// Lets the `shutdown` control command stop the worker.
+    pub stop_tx: watch::Sender<Stop>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -69,6 +88,30 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
+    pub fn count_finished(&self, task: &str) {
+        *self
+            .totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(task.to_owned())
+            .or_default() += 1;
+    }
+
+    pub fn queues(&self) -> Vec<String> {
+        self.queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn heartbeat_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        worker_fields(
+            HEARTBEAT_FREQ,
+            self.inflight.count(Phase::Active),
+            self.processed.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn stopping(&self) -> bool {
         *self.stop.borrow() != Stop::Running
     }
@@ -109,6 +152,13 @@ impl Worker {
             },
         );
         let backend = ResultBackend::new(backend_link, "", cfg.result_expires);
+        let events_link = RedisLink::open(&cfg.broker_url, "events", Duration::from_secs(10))?;
+        let events = Events::new(
+            events_link,
+            &cfg.node_name,
+            &cfg.key_prefix,
+            cfg.task_events,
+        );
         let pool: Arc<dyn Pool> = match cfg.pool {
             PoolKind::Prefork => {
                 let mut child_args = vec![
@@ -130,11 +180,19 @@ impl Worker {
             PoolKind::Threads => Arc::new(ThreadPool::new("threads", cfg.concurrency)),
             PoolKind::Solo => Arc::new(ThreadPool::new("solo", 1)),
         };
+        let rate_limits = rate_limit::RateLimits::default();
+        for info in registry.describe() {
+            if let Some(rate) = info.rate_limit.as_deref() {
+                rate_limits.set(
+                    &info.name,
+                    rate_limit::parse_rate(rate).map_err(anyhow::Error::msg)?,
+                );
+            }
+        }
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
         let prefetch = Arc::new(Semaphore::new(cfg.concurrency * cfg.prefetch_multiplier));
         Ok(Self {
             ctx: Arc::new(Ctx {
-                cfg,
                 broker,
                 backend,
                 registry,
@@ -145,6 +203,15 @@ impl Worker {
                 stop: stop_rx,
                 last_poll_ok_ms: AtomicI64::new(now_ms()),
                 processed: AtomicU64::new(0),
+                events,
+                revoked: revoked::Revoked::default(),
+                rate_limits,
+                time_limits: Mutex::default(),
+                totals: Mutex::default(),
+                queues: RwLock::new(cfg.queues.clone()),
+                started_at: Instant::now(),
+                stop_tx: stop_tx.clone(),
+                cfg,
             }),
             stop_tx,
         })
@@ -179,6 +246,11 @@ impl Worker {
         }
 
         let background = TaskTracker::new();
+        ctx.events
+            .send("worker-online", ctx.heartbeat_fields())
+            .await;
+        background.spawn(heartbeat(ctx.clone()));
+        background.spawn(crate::control::mailbox(ctx.clone()));
         background.spawn(lease_keeper(ctx.clone()));
         background.spawn(sweeper(ctx.clone()));
         background.spawn(eta_releaser(ctx.clone()));
@@ -191,6 +263,9 @@ impl Worker {
 
         let mode = *ctx.stop.borrow();
         shutdown(&ctx, &handlers, mode).await;
+        ctx.events
+            .send("worker-offline", ctx.heartbeat_fields())
+            .await;
         // Background loops watch the same stop signal.
         let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
         drop(self.stop_tx);
@@ -206,7 +281,7 @@ impl Worker {
 const MAX_BATCH: usize = 64;
 
 async fn consume(ctx: &Arc<Ctx>, handlers: &TaskTracker) {
-    let mut order = ctx.cfg.queues.clone();
+    let mut order = ctx.queues();
     let mut backoff = Backoff::default();
     let mut stalled_logged = false;
     loop {
@@ -216,6 +291,21 @@ async fn consume(ctx: &Arc<Ctx>, handlers: &TaskTracker) {
         };
         if ctx.stopping() {
             break;
+        }
+        // Follow add_consumer/cancel_consumer, keeping the rotation.
+        let wanted = ctx.queues();
+        order.retain(|q| wanted.contains(q));
+        for q in &wanted {
+            if !order.contains(q) {
+                order.push(q.clone());
+            }
+        }
+        if order.is_empty() {
+            drop(first);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = ctx.stopped() => break,
+            }
         }
         let mut permits = vec![first];
         while permits.len() < MAX_BATCH {
@@ -332,6 +422,22 @@ async fn shutdown(ctx: &Arc<Ctx>, handlers: &TaskTracker, mode: Stop) {
     }
     for entry in ctx.inflight.running_acked() {
         tracing::error!(task_id = %entry.task_id, task_name = %entry.task_name, "running task was acknowledged early and is interrupted by shutdown (use acks_late to have it re-run)");
+    }
+}
+
+/// Seconds between worker heartbeats (Celery's default); Flower marks a
+/// worker offline after two missed beats.
+pub const HEARTBEAT_FREQ: f64 = 2.0;
+
+async fn heartbeat(ctx: Arc<Ctx>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(HEARTBEAT_FREQ)) => {}
+            _ = ctx.stopped() => return,
+        }
+        ctx.events
+            .send("worker-heartbeat", ctx.heartbeat_fields())
+            .await;
     }
 }
 

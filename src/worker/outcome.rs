@@ -82,7 +82,13 @@ fn traceback_text(f: &Finish<'_>, e: &PyException, detail: Option<&str>) -> Stri
 
 pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
     let secs = f.runtime.as_secs_f64();
+    ctx.count_finished(&f.msg.task);
     let failure = match outcome {
+        JobOutcome::Terminated => {
+            tracing::warn!(runtime = secs, "task terminated by revoke");
+            return super::message::store_revoked(ctx, &f.msg.id, f.tag, "terminated", true, false)
+                .await;
+        }
         JobOutcome::Finished {
             result: Ok(value), ..
         } => {
@@ -213,7 +219,14 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
     if let Some(body) = &f.msg.chord {
         break_chord(ctx, f, body).await;
     }
-    tracing::info!(runtime = secs, result = %truncate(&py_repr(&value), 200), "task succeeded");
+    let shown = truncate(&py_repr(&value), 200);
+    tracing::info!(runtime = secs, result = %shown, "task succeeded");
+    ctx.events
+        .task(
+            "task-succeeded",
+            crate::fields! {"uuid" => f.msg.id, "result" => shown, "runtime" => secs},
+        )
+        .await;
     if f.ignore_result() {
         if f.acks_late {
             ack(ctx, f.tag).await;
@@ -285,8 +298,15 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
         }
         return;
     }
+    let traceback = traceback.unwrap_or_else(|| traceback_text(f, &exc, None));
+    ctx.events
+        .task(
+            "task-failed",
+            crate::fields! {"uuid" => f.msg.id, "exception" => exc.repr(), "traceback" => traceback},
+        )
+        .await;
     let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
-    doc.traceback = Some(traceback.unwrap_or_else(|| traceback_text(f, &exc, None)));
+    doc.traceback = Some(traceback);
     finish_with(ctx, f, &doc).await;
 }
 
@@ -379,6 +399,12 @@ async fn retry(
         None,
     ));
     doc.children = Some(vec![child_ref(&f.msg.id)]);
+    ctx.events
+        .task(
+            "task-retried",
+            crate::fields! {"uuid" => f.msg.id, "exception" => shown.repr(), "traceback" => doc.traceback},
+        )
+        .await;
     if f.ignore_result() {
         ack(ctx, f.tag).await;
     } else {
@@ -437,6 +463,12 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
 
 async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
     tracing::warn!(requeue, %reason, "task rejected its message");
+    ctx.events
+        .task(
+            "task-rejected",
+            crate::fields! {"uuid" => f.msg.id, "requeue" => requeue},
+        )
+        .await;
     if requeue {
         if let Err(e) = ctx.broker.restore(f.tag, true).await {
             tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
