@@ -181,6 +181,11 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 3)]
     pub max_redeliveries: u32,
 
+    /// Serve Prometheus metrics (`/metrics`) and a health check
+    /// (`/healthz`) on this address, e.g. `127.0.0.1:9808`.
+    #[arg(long, env = "TORI_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+
     /// Register the `tori.chaos.*` tasks (panic, abort, segfault, alloc,
     /// spin, exit) for fault-injection tests. Never in production.
     #[arg(long)]
@@ -217,6 +222,7 @@ pub struct WorkerConfig {
     pub enable_chaos_tasks: bool,
     pub loglevel: String,
     pub task_events: bool,
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -312,6 +318,7 @@ impl WorkerArgs {
             enable_chaos_tasks: self.enable_chaos_tasks,
             loglevel: self.loglevel.clone(),
             task_events: self.task_events,
+            metrics_addr: self.metrics_addr.clone().filter(|a| !a.is_empty()),
         })
     }
 }

@@ -85,4 +85,8 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome>;
     /// Pids of the processes running tasks.
     fn pids(&self) -> Vec<u32>;
+    /// Processes replaced, by cause (prefork only).
+    fn restarts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        Default::default()
+    }
 }

@@ -118,10 +118,6 @@ impl PreforkPool {
             shared,
         }
     }
-
-    pub fn restarts(&self) -> BTreeMap<&'static str, u64> {
-        self.shared.restarts.snapshot()
-    }
 }
 
 impl Pool for PreforkPool {
@@ -164,6 +160,10 @@ impl Pool for PreforkPool {
                 .send(JobOutcome::WorkerLost("the pool is shutting down".into()));
         }
         rx
+    }
+
+    fn restarts(&self) -> BTreeMap<&'static str, u64> {
+        self.shared.restarts.snapshot()
     }
 
     fn pids(&self) -> Vec<u32> {

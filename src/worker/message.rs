@@ -127,6 +127,12 @@ pub(crate) async fn store_revoked(
         exception_value("celery.exceptions", "TaskRevokedError", &[json!(reason)]),
     );
     store_then_ack(ctx, &doc, tag).await;
+    let name = ctx
+        .inflight
+        .get(tag)
+        .map(|e| e.task_name)
+        .unwrap_or_default();
+    ctx.metrics.count(&name, "revoked");
     ctx.events
         .task(
             "task-revoked",
@@ -186,6 +192,7 @@ async fn life(
     permit: OwnedSemaphorePermit,
 ) {
     tracing::info!(queue = %delivery.queue, retries = msg.retries, protocol = msg.protocol, "task received");
+    ctx.metrics.count(&msg.task, "received");
     ctx.events
         .task(
             "task-received",
@@ -226,6 +233,13 @@ async fn life(
 
     let Some(task) = ctx.registry.get(&msg.task) else {
         tracing::error!("received unregistered task; storing FAILURE NotRegistered");
+        ctx.metrics.count(&msg.task, "failed");
+        ctx.events
+            .task(
+                "task-failed",
+                crate::fields! {"uuid" => msg.id, "exception" => format!("NotRegistered('{}')", msg.task)},
+            )
+            .await;
         let doc = StateDoc::new(
             &msg.id,
             State::Failure,

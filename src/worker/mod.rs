@@ -66,6 +66,7 @@ pub struct Ctx {
     pub last_poll_ok_ms: AtomicI64,
     pub processed: AtomicU64,
     pub events: Events,
+    pub metrics: crate::metrics::Metrics,
     pub revoked: revoked::Revoked,
     pub rate_limits: rate_limit::RateLimits,
     /// Time limits set at run time by `time_limit`.
@@ -204,6 +205,7 @@ impl Worker {
                 last_poll_ok_ms: AtomicI64::new(now_ms()),
                 processed: AtomicU64::new(0),
                 events,
+                metrics: crate::metrics::Metrics::default(),
                 revoked: revoked::Revoked::default(),
                 rate_limits,
                 time_limits: Mutex::default(),
@@ -252,6 +254,9 @@ impl Worker {
         background.spawn(heartbeat(ctx.clone()));
         background.spawn(crate::control::mailbox(ctx.clone()));
         background.spawn(lease_keeper(ctx.clone()));
+        if let Some(addr) = ctx.cfg.metrics_addr.clone() {
+            background.spawn(crate::metrics::serve(ctx.clone(), addr));
+        }
         background.spawn(sweeper(ctx.clone()));
         background.spawn(eta_releaser(ctx.clone()));
         background.close();

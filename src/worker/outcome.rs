@@ -83,6 +83,7 @@ fn traceback_text(f: &Finish<'_>, e: &PyException, detail: Option<&str>) -> Stri
 pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
     let secs = f.runtime.as_secs_f64();
     ctx.count_finished(&f.msg.task);
+    ctx.metrics.runtime(&f.msg.task, secs);
     let failure = match outcome {
         JobOutcome::Terminated => {
             tracing::warn!(runtime = secs, "task terminated by revoke");
@@ -221,6 +222,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
     }
     let shown = truncate(&py_repr(&value), 200);
     tracing::info!(runtime = secs, result = %shown, "task succeeded");
+    ctx.metrics.count(&f.msg.task, "succeeded");
     ctx.events
         .task(
             "task-succeeded",
@@ -267,6 +269,7 @@ async fn break_chord(ctx: &Ctx, f: &Finish<'_>, body: &Value) {
 
 async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<String>, secs: f64) {
     tracing::error!(runtime = secs, exception = %exc.repr(), "task failed");
+    ctx.metrics.count(&f.msg.task, "failed");
     let root = f.msg.root_id.clone().unwrap_or_else(|| f.msg.id.clone());
     let origin = ctx.cfg.node_name.clone();
     // Errbacks get the failed task's id (Celery's old-style errback call;
@@ -388,6 +391,7 @@ async fn retry(
         PyException::new("celery.exceptions", "Retry", format!("Retry in {delay}s"))
     });
     tracing::warn!(countdown = delay, retries = f.msg.retries + 1, reason = %shown.repr(), "task will be retried");
+    ctx.metrics.count(&f.msg.task, "retried");
     let mut doc = f.doc(ctx, State::Retry, exc_value(&shown));
     doc.traceback = Some(traceback_text(
         f,
@@ -463,6 +467,7 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
 
 async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
     tracing::warn!(requeue, %reason, "task rejected its message");
+    ctx.metrics.count(&f.msg.task, "rejected");
     ctx.events
         .task(
             "task-rejected",

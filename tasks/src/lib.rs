@@ -6,9 +6,11 @@
 
 pub mod chaos;
 pub mod diagnostics;
+pub mod ingest;
 pub mod registry;
 pub mod task;
 
+pub use ingest::ingestion_status;
 pub use registry::{DynTask, Registry, TaskInfo};
 pub use task::{
     CancelFlag, NoProgress, ProgressSink, PyException, Task, TaskContext, TaskError, TaskOptions,
@@ -18,5 +20,8 @@ pub use task::{
 pub fn default_registry() -> Registry {
     let mut registry = Registry::new();
     diagnostics::register(&mut registry);
+    // Only when scripts/setup-native placed the native files; otherwise
+    // the worker answers NotRegistered and ingest::ingestion_status() says why.
+    ingest::register(&mut registry);
     registry
 }

@@ -1,0 +1,292 @@
+//! Sentence/chunk embeddings with all-MiniLM-L6-v2 through ONNX Runtime:
+//! `[CLS] ids [SEP]`, mean pooling over the attention mask, L2 norm.
+//!
+//! One ONNX Runtime environment and one session per process (intra-op
+//! threads 1, spinning off: processes scale better than threads here),
+//! created on first use and shared by every task run.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+use tokenizers::Tokenizer;
+
+use super::native::{self, NativeFiles};
+
+/// The model's maximum sequence length (sentence-transformers' setting),
+/// special tokens included.
+pub const MAX_TOKENS: usize = 256;
+/// Embedding width of all-MiniLM-L6-v2.
+pub const DIM: usize = 384;
+pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
+
+/// At most this many sequences per inference call.
+const MAX_BATCH: usize = 32;
+/// At most this many padded tokens per inference call.
+const MAX_BATCH_TOKENS: usize = 8192;
+
+/// The process's tokenizer and ONNX session.
+pub struct Embedder {
+    // Kept alive for the session's lifetime (ort keeps only a weak ref).
+    _env: ort::environment::Environment,
+    session: Mutex<Session>,
+    tokenizer: Tokenizer,
+    cls: u32,
+    sep: u32,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder").finish_non_exhaustive()
+    }
+}
+
+static EMBEDDER: OnceLock<Result<Embedder, String>> = OnceLock::new();
+
+/// Statistics of one [`Embedder::embed_ids`] call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EmbedStats {
+    /// Sequences asked for.
+    pub sequences: usize,
+    /// Distinct sequences actually run (duplicates are embedded once).
+    pub unique: usize,
+    pub batches: usize,
+    /// Tokens run, padding included, and without padding.
+    pub padded_tokens: usize,
+    pub tokens: usize,
+}
+
+impl Embedder {
+    /// The process-wide embedder, loading ONNX Runtime, the tokenizer and
+    /// the model on first call. Later calls return the same instance (the
+    /// `files` of the first call win).
+    pub fn global(files: &NativeFiles) -> Result<&'static Embedder, String> {
+        EMBEDDER
+            .get_or_init(|| Self::load(files))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn load(files: &NativeFiles) -> Result<Embedder, String> {
+        files.status()?;
+        let tokenizer = load_tokenizer(&files.tokenizer_json())?;
+        let id = |t: &str| {
+            tokenizer
+                .token_to_id(t)
+                .ok_or_else(|| format!("tokenizer has no {t} token"))
+        };
+        let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+        let env = ort::init_from(&files.ort_lib)
+            .map_err(|e| {
+                format!(
+                    "could not load ONNX Runtime from {}: {e} (run scripts/setup-native, \
+                     which places onnxruntime 1.31.1)",
+                    files.ort_lib.display()
+                )
+            })?
+            .with_name("tori-worker")
+            .build()
+            .map_err(|e| format!("ONNX Runtime environment: {e}"))?;
+        native::count_ort_load();
+        let session = build_session(&env, &files.model_onnx()).map_err(|e| {
+            format!(
+                "could not load the model {}: {e}",
+                files.model_onnx().display()
+            )
+        })?;
+        native::count_model_load();
+        Ok(Embedder {
+            _env: env,
+            session: Mutex::new(session),
+            tokenizer,
+            cls,
+            sep,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of `text` without special tokens, truncated so that with
+    /// `[CLS]`/`[SEP]` they fit [`MAX_TOKENS`].
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        ids.truncate(MAX_TOKENS - 2);
+        Ok(ids)
+    }
+
+    /// Embeds texts (see [`Embedder::encode`] and [`Embedder::embed_ids`]).
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+        let ids = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.embed_ids(&ids, &mut || true)?.0)
+    }
+
+    /// The full input ids for content ids: `[CLS] ids [SEP]`, truncated.
+    pub fn with_specials(&self, ids: &[u32]) -> Vec<u32> {
+        let n = ids.len().min(MAX_TOKENS - 2);
+        let mut v = Vec::with_capacity(n + 2);
+        v.push(self.cls);
+        v.extend_from_slice(&ids[..n]);
+        v.push(self.sep);
+        v
+    }
+
+    /// Embeds token sequences (content ids, without special tokens): one
+    /// L2-normalized [`DIM`]-vector per sequence, in input order.
+    ///
+    /// Identical sequences are run once; the rest are sorted by length and
+    /// batched so padding is small. `keep_going` is asked before each
+    /// batch; `false` stops with `Err("cancelled")`.
+    pub fn embed_ids(
+        &self,
+        seqs: &[Vec<u32>],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<(Vec<Vec<f32>>, EmbedStats), String> {
+        let mut stats = EmbedStats {
+            sequences: seqs.len(),
+            ..EmbedStats::default()
+        };
+        // Deduplicate.
+        let mut unique: Vec<Vec<u32>> = Vec::new();
+        let mut slot_of: HashMap<Vec<u32>, usize> = HashMap::new();
+        let mut slots = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let full = self.with_specials(s);
+            let next = unique.len();
+            let slot = *slot_of.entry(full.clone()).or_insert_with(|| {
+                unique.push(full);
+                next
+            });
+            slots.push(slot);
+        }
+        stats.unique = unique.len();
+        // Sort by length and batch.
+        let mut order: Vec<usize> = (0..unique.len()).collect();
+        order.sort_by_key(|&i| unique[i].len());
+        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); unique.len()];
+        let mut start = 0;
+        while start < order.len() {
+            let mut end = start;
+            while end < order.len() && end - start < MAX_BATCH {
+                // sorted ascending, so the candidate is the longest so far
+                let width = unique[order[end]].len();
+                if end > start && (end - start + 1) * width > MAX_BATCH_TOKENS {
+                    break;
+                }
+                end += 1;
+            }
+            if !keep_going() {
+                return Err("cancelled".into());
+            }
+            let batch: Vec<&[u32]> = order[start..end]
+                .iter()
+                .map(|&i| unique[i].as_slice())
+                .collect();
+            let out = self.run_batch(&batch)?;
+            stats.batches += 1;
+            stats.padded_tokens += batch.len() * batch.iter().map(|b| b.len()).max().unwrap_or(0);
+            stats.tokens += batch.iter().map(|b| b.len()).sum::<usize>();
+            for (k, v) in out.into_iter().enumerate() {
+                vectors[order[start + k]] = v;
+            }
+            start = end;
+        }
+        Ok((slots.iter().map(|&s| vectors[s].clone()).collect(), stats))
+    }
+
+    /// Runs one padded batch and pools it.
+    fn run_batch(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+        let b = batch.len();
+        let s = batch.iter().map(|x| x.len()).max().unwrap_or(0);
+        let mut ids = vec![0i64; b * s];
+        let mut mask = vec![0i64; b * s];
+        for (r, seq) in batch.iter().enumerate() {
+            for (c, &id) in seq.iter().enumerate() {
+                ids[r * s + c] = i64::from(id);
+                mask[r * s + c] = 1;
+            }
+        }
+        let types = vec![0i64; b * s];
+        let shape = [b as i64, s as i64];
+        let t = |v: Vec<i64>| Tensor::from_array((shape, v)).map_err(|e| format!("tensor: {e}"));
+        let inputs = ort::inputs![
+            "input_ids" => t(ids)?,
+            "attention_mask" => t(mask.clone())?,
+            "token_type_ids" => t(types)?,
+        ];
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session
+            .run(inputs)
+            .map_err(|e| format!("ONNX Runtime run failed: {e}"))?;
+        let (out_shape, data) = outputs["last_hidden_state"]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| format!("model output: {e}"))?;
+        let dims: Vec<i64> = out_shape.iter().copied().collect();
+        if dims != [b as i64, s as i64, DIM as i64] {
+            return Err(format!(
+                "model output has shape {dims:?}, expected [{b}, {s}, {DIM}]"
+            ));
+        }
+        Ok((0..b)
+            .map(|r| {
+                pool(
+                    &data[r * s * DIM..(r + 1) * s * DIM],
+                    &mask[r * s..(r + 1) * s],
+                )
+            })
+            .collect())
+    }
+}
+
+/// Mean over the attended positions of `[seq, DIM]` hidden states, then
+/// L2 normalization.
+pub fn pool(hidden: &[f32], mask: &[i64]) -> Vec<f32> {
+    let mut acc = vec![0f64; DIM];
+    let mut n = 0f64;
+    for (pos, &m) in mask.iter().enumerate() {
+        if m == 0 {
+            continue;
+        }
+        n += 1.0;
+        for (a, &h) in acc.iter_mut().zip(&hidden[pos * DIM..(pos + 1) * DIM]) {
+            *a += f64::from(h);
+        }
+    }
+    let n = n.max(1e-9);
+    let mean: Vec<f64> = acc.iter().map(|a| a / n).collect();
+    let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+    mean.iter().map(|x| (x / norm) as f32).collect()
+}
+
+fn build_session(env: &ort::environment::Environment, model: &Path) -> ort::Result<Session> {
+    Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(1)?
+        .with_inter_threads(1)?
+        .with_intra_op_spinning(false)?
+        .with_inter_op_spinning(false)?
+        .commit_from_file(model)
+}
+
+fn load_tokenizer(path: &Path) -> Result<Tokenizer, String> {
+    let mut tokenizer = Tokenizer::from_file(path)
+        .map_err(|e| format!("could not load tokenizer {}: {e}", path.display()))?;
+    // tokenizer.json ships padding/truncation for 128-token batches; this
+    // module pads and truncates itself.
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| format!("tokenizer: {e}"))?;
+    Ok(tokenizer)
+}

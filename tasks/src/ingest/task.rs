@@ -1,0 +1,404 @@
+//! The `pdf_ingestion` task (alias `ingest_pdf_clean_task`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::chunk::{chunk_pages, ChunkSpec};
+use super::clean::{clean_pages, visible_chars, MIN_TEXT_CHARS};
+use super::embed::{self, EmbedStats, Embedder};
+use super::extract::{ExtractError, ExtractLimits, Extractor, PdfiumExtractor};
+use super::native::NativeFiles;
+use crate::task::{PyException, Task, TaskContext, TaskError, TaskOptions};
+
+pub const NAME: &str = "pdf_ingestion";
+pub const ALIAS: &str = "ingest_pdf_clean_task";
+
+/// Per-call options (all optional; unknown keys are a `TypeError`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestOptions {
+    /// Tokens per chunk, without `[CLS]`/`[SEP]` (default 254, max 254).
+    pub chunk_tokens: Option<usize>,
+    /// Tokens shared by consecutive chunks (default 32).
+    pub chunk_overlap: Option<usize>,
+    /// Refuse documents with more pages (default 5000).
+    pub max_pages: Option<usize>,
+    /// Refuse files larger than this many bytes (default 512 MiB).
+    pub max_bytes: Option<u64>,
+    /// Compute embeddings (default true).
+    pub embed: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct IngestArgs {
+    pub file_ref: String,
+    #[serde(default)]
+    pub options: Option<IngestOptions>,
+}
+
+/// The language guess for the cleaned text (whatlang, ISO 639-3).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Language {
+    pub code: &'static str,
+    pub confidence: f64,
+    pub reliable: bool,
+}
+
+/// Milliseconds per stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Timings {
+    pub read_ms: f64,
+    pub extract_ms: f64,
+    pub clean_ms: f64,
+    pub chunk_ms: f64,
+    pub embed_ms: f64,
+    pub total_ms: f64,
+}
+
+/// The task's (small) result. Per-chunk vectors are not part of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IngestResult {
+    pub sha256: String,
+    pub file_ref: String,
+    pub bytes: u64,
+    pub backend: &'static str,
+    pub pages: usize,
+    /// Characters of cleaned text over all pages.
+    pub chars: usize,
+    pub language: Option<Language>,
+    pub title: Option<String>,
+    pub author: Option<String>,
+    /// True when some page has (almost) no text layer.
+    pub needs_ocr: bool,
+    /// 1-based numbers of the pages without text.
+    pub needs_ocr_pages: Vec<usize>,
+    pub chunks: usize,
+    pub embedding_model: Option<&'static str>,
+    pub embedding_dim: Option<usize>,
+    pub embed_stats: Option<EmbedStats>,
+    pub header_footer_lines_removed: usize,
+    pub warnings: Vec<String>,
+    pub timings: Timings,
+}
+
+/// What [`PdfIngestion::ingest_bytes`] produces besides the result: the
+/// cleaned pages, chunks and their vectors (for artifacts and tests).
+#[derive(Debug, Clone)]
+pub struct IngestOutput {
+    pub result: IngestResult,
+    pub pages: Vec<String>,
+    pub chunks: Vec<super::chunk::Chunk>,
+    pub vectors: Vec<Vec<f32>>,
+}
+
+/// `pdf_ingestion(file_ref, options=None)`.
+#[derive(Debug, Clone)]
+pub struct PdfIngestion {
+    storage_root: Result<PathBuf, String>,
+    files: NativeFiles,
+    extractor: PdfiumExtractor,
+}
+
+impl PdfIngestion {
+    /// Storage root from `TORI_STORAGE_ROOT`, native files from the
+    /// environment (see [`NativeFiles::from_env`]). Errs when the native
+    /// files are missing.
+    pub fn from_env() -> Result<Self, String> {
+        let root = match std::env::var_os("TORI_STORAGE_ROOT").filter(|v| !v.is_empty()) {
+            Some(r) => canonical_root(Path::new(&r)),
+            None => Err(
+                "[no_storage_root] TORI_STORAGE_ROOT is not set: the worker reads \
+                         PDFs only under a configured storage root"
+                    .into(),
+            ),
+        };
+        Self::with(root, NativeFiles::from_env())
+    }
+
+    /// A task reading under `storage_root` with the given native files.
+    pub fn new(storage_root: &Path, files: NativeFiles) -> Result<Self, String> {
+        Self::with(canonical_root(storage_root), files)
+    }
+
+    fn with(storage_root: Result<PathBuf, String>, files: NativeFiles) -> Result<Self, String> {
+        files.status()?;
+        Ok(Self {
+            storage_root,
+            extractor: PdfiumExtractor::new(files.pdfium_lib.clone()),
+            files,
+        })
+    }
+
+    /// Loads pdfium, ONNX Runtime and the model now (otherwise on first use).
+    pub fn warm(&self) -> Result<(), String> {
+        self.extractor.warm().map_err(|e| e.to_string())?;
+        Embedder::global(&self.files).map(|_| ())
+    }
+
+    /// Resolves `file_ref` to a file under the storage root, or a
+    /// specific error: relative paths are taken from the root; absolute
+    /// paths and `file://` URLs must resolve (symlinks and `..` included)
+    /// inside it.
+    pub fn resolve(&self, file_ref: &str) -> Result<PathBuf, TaskError> {
+        let root = self.storage_root.as_ref().map_err(|e| runtime(e.clone()))?;
+        let path_part = if let Some(rest) = file_ref.strip_prefix("file://") {
+            rest
+        } else if let Some((scheme, _)) = file_ref.split_once("://") {
+            return Err(value_error(format!(
+                "[unsupported_scheme] {scheme}:// file references are not supported yet \
+                 (only paths under the storage root and file:// URLs)"
+            )));
+        } else {
+            file_ref
+        };
+        if path_part.is_empty() || path_part.contains('\0') {
+            return Err(value_error(
+                "[bad_file_ref] empty or invalid file reference",
+            ));
+        }
+        let candidate = root.join(path_part); // an absolute path replaces root
+        let resolved = candidate
+            .canonicalize()
+            .map_err(|e| exc("FileNotFoundError", format!("[not_found] {file_ref}: {e}")))?;
+        if !resolved.starts_with(root) {
+            return Err(exc(
+                "PermissionError",
+                format!(
+                    "[outside_storage_root] {file_ref} resolves outside the storage root {}",
+                    root.display()
+                ),
+            ));
+        }
+        if !resolved.is_file() {
+            return Err(value_error(format!(
+                "[not_a_file] {file_ref} is not a regular file"
+            )));
+        }
+        Ok(resolved)
+    }
+
+    /// Ingests one document's bytes (everything but the file lookup).
+    pub fn ingest_bytes(
+        &self,
+        ctx: &TaskContext<'_>,
+        file_ref: &str,
+        bytes: &[u8],
+        opts: &IngestOptions,
+        read_ms: f64,
+    ) -> Result<IngestOutput, TaskError> {
+        let total = Instant::now();
+        let spec = ChunkSpec {
+            size: opts.chunk_tokens.unwrap_or(ChunkSpec::default().size),
+            overlap: opts.chunk_overlap.unwrap_or(ChunkSpec::default().overlap),
+        };
+        spec.validate(embed::MAX_TOKENS - 2)
+            .map_err(|e| exc("TypeError", format!("{NAME}(): {e}")))?;
+        let sha256 = hex(&Sha256::digest(bytes));
+
+        // Extract.
+        let t = Instant::now();
+        let limits = ExtractLimits {
+            max_pages: opts.max_pages.unwrap_or(ExtractLimits::default().max_pages),
+        };
+        let mut on_page = |page: usize, pages: usize| {
+            ctx.report_progress(json!({"stage": "extract", "page": page, "pages": pages}));
+            !ctx.cancel.is_cancelled()
+        };
+        let extracted = self
+            .extractor
+            .extract(bytes, &limits, &mut on_page)
+            .map_err(extract_failure)?;
+        let extract_ms = ms(t);
+        ctx.checkpoint()?;
+
+        // Clean.
+        let t = Instant::now();
+        let raw: Vec<String> = extracted.pages.iter().map(|p| p.text.clone()).collect();
+        let cleaned = clean_pages(&raw);
+        let needs_ocr_pages: Vec<usize> = cleaned
+            .pages
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| visible_chars(p) < MIN_TEXT_CHARS)
+            .map(|(i, _)| i + 1)
+            .collect();
+        let chars: usize = cleaned.pages.iter().map(|p| p.chars().count()).sum();
+        let language = detect_language(&cleaned.pages);
+        let clean_ms = ms(t);
+        ctx.checkpoint()?;
+
+        // Chunk and embed.
+        let want_embed = opts.embed.unwrap_or(true);
+        let embedder = Embedder::global(&self.files)
+            .map_err(|e| runtime(format!("[model_unavailable] {e}")))?;
+        let t = Instant::now();
+        let chunks = chunk_pages(embedder.tokenizer(), &cleaned.pages, spec)
+            .map_err(|e| runtime(format!("[tokenizer] {e}")))?;
+        let chunk_ms = ms(t);
+        let t = Instant::now();
+        let (vectors, embed_stats) = if want_embed && !chunks.is_empty() {
+            let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
+            let n = chunks.len();
+            let pages = cleaned.pages.len();
+            let mut done = 0usize;
+            let mut keep_going = || {
+                ctx.report_progress(json!({
+                    "stage": "embed", "page": pages, "pages": pages, "batch": done, "chunks": n
+                }));
+                done += 1;
+                !ctx.cancel.is_cancelled()
+            };
+            match embedder.embed_ids(&ids, &mut keep_going) {
+                Ok((v, s)) => (v, Some(s)),
+                Err(_) if ctx.cancel.is_cancelled() => {
+                    return Err(TaskError::SoftTimeLimitExceeded)
+                }
+                Err(e) => return Err(runtime(format!("[embedding_failed] {e}"))),
+            }
+        } else {
+            (Vec::new(), None)
+        };
+        let embed_ms = ms(t);
+
+        let result = IngestResult {
+            sha256,
+            file_ref: file_ref.to_owned(),
+            bytes: bytes.len() as u64,
+            backend: self.extractor.name(),
+            pages: cleaned.pages.len(),
+            chars,
+            language,
+            title: extracted.title.clone(),
+            author: extracted.author.clone(),
+            needs_ocr: !needs_ocr_pages.is_empty(),
+            needs_ocr_pages,
+            chunks: chunks.len(),
+            embedding_model: want_embed.then_some(embed::MODEL_NAME),
+            embedding_dim: want_embed.then_some(embed::DIM),
+            embed_stats,
+            header_footer_lines_removed: cleaned.header_footer_lines_removed,
+            warnings: extracted.warnings.clone(),
+            timings: Timings {
+                read_ms,
+                extract_ms,
+                clean_ms,
+                chunk_ms,
+                embed_ms,
+                total_ms: ((read_ms + ms(total)) * 100.0).round() / 100.0,
+            },
+        };
+        Ok(IngestOutput {
+            result,
+            pages: cleaned.pages,
+            chunks,
+            vectors,
+        })
+    }
+
+    /// Reads `file_ref` (under the storage root) and ingests it.
+    pub fn ingest(
+        &self,
+        ctx: &TaskContext<'_>,
+        file_ref: &str,
+        opts: &IngestOptions,
+    ) -> Result<IngestOutput, TaskError> {
+        let t = Instant::now();
+        let path = self.resolve(file_ref)?;
+        let max_bytes = opts.max_bytes.unwrap_or(512 << 20);
+        let size = std::fs::metadata(&path)
+            .map_err(|e| exc("OSError", format!("[read_failed] {file_ref}: {e}")))?
+            .len();
+        if size > max_bytes {
+            return Err(value_error(format!(
+                "[too_large] {file_ref} has {size} bytes, more than the limit of {max_bytes}"
+            )));
+        }
+        let bytes = std::fs::read(&path)
+            .map_err(|e| exc("OSError", format!("[read_failed] {file_ref}: {e}")))?;
+        self.ingest_bytes(ctx, file_ref, &bytes, opts, ms(t))
+    }
+}
+
+impl Task for PdfIngestion {
+    const NAME: &'static str = NAME;
+    const PARAMS: &'static [&'static str] = &["file_ref", "options"];
+    type Args = IngestArgs;
+    type Output = IngestResult;
+
+    fn options(&self) -> TaskOptions {
+        TaskOptions {
+            acks_late: Some(true),
+            ..TaskOptions::default()
+        }
+    }
+
+    fn run(&self, ctx: &TaskContext<'_>, args: IngestArgs) -> Result<IngestResult, TaskError> {
+        let opts = args.options.unwrap_or_default();
+        self.ingest(ctx, &args.file_ref, &opts).map(|o| o.result)
+    }
+}
+
+fn canonical_root(root: &Path) -> Result<PathBuf, String> {
+    root.canonicalize().map_err(|e| {
+        format!(
+            "[no_storage_root] the storage root {} is not usable: {e}",
+            root.display()
+        )
+    })
+}
+
+fn detect_language(pages: &[String]) -> Option<Language> {
+    let mut sample = String::new();
+    for p in pages {
+        if sample.len() > 20_000 {
+            break;
+        }
+        sample.push_str(p);
+        sample.push('\n');
+    }
+    let info = whatlang::detect(&sample)?;
+    Some(Language {
+        code: info.lang().code(),
+        confidence: (info.confidence() * 1000.0).round() / 1000.0,
+        reliable: info.is_reliable(),
+    })
+}
+
+/// The FAILURE for a document the extractor could not read.
+pub fn extract_failure(e: ExtractError) -> TaskError {
+    match e {
+        ExtractError::Cancelled => TaskError::SoftTimeLimitExceeded,
+        ExtractError::PasswordRequired => {
+            exc("PermissionError", format!("[password_protected] {e}"))
+        }
+        ExtractError::UnsupportedSecurity(_) => {
+            exc("PermissionError", format!("[unsupported_encryption] {e}"))
+        }
+        ExtractError::Malformed(_) => value_error(format!("[malformed_pdf] {e}")),
+        ExtractError::TooManyPages { .. } => value_error(format!("[too_many_pages] {e}")),
+        ExtractError::Unavailable(_) => runtime(format!("[backend_unavailable] {e}")),
+        ExtractError::Backend(_) => runtime(format!("[backend_error] {e}")),
+    }
+}
+
+fn exc(name: &str, message: impl Into<String>) -> TaskError {
+    TaskError::failed(PyException::builtin(name, message))
+}
+fn value_error(message: impl Into<String>) -> TaskError {
+    exc("ValueError", message)
+}
+fn runtime(message: impl Into<String>) -> TaskError {
+    exc("RuntimeError", message)
+}
+
+fn ms(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e5).round() / 100.0
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
