@@ -36,6 +36,14 @@ pub enum Command {
         #[arg(long)]
         enable_chaos_tasks: bool,
     },
+    /// Ingest one PDF locally, without Redis, and print the result JSON.
+    Ingest {
+        /// The PDF to ingest.
+        file: std::path::PathBuf,
+        /// Options as JSON, e.g. '{"chunk_tokens": 128}'.
+        #[arg(long)]
+        options: Option<String>,
+    },
     /// A prefork pool process (started by the worker, not by hand).
     #[command(hide = true)]
     PoolChild {

@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
             json,
             enable_chaos_tasks,
         }) => print_tasks(json, enable_chaos_tasks),
+        Some(Command::Ingest { file, options }) => ingest_one(&file, options.as_deref()),
         Some(Command::PoolChild {
             loglevel,
             enable_chaos_tasks,
@@ -51,6 +52,64 @@ fn print_tasks(json: bool, chaos: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints PROGRESS reports of the one-shot ingest to stderr.
+struct StderrProgress;
+
+impl tasks::ProgressSink for StderrProgress {
+    fn progress(&self, meta: serde_json::Value) {
+        eprintln!("progress {meta}");
+    }
+}
+
+/// `tori-worker ingest FILE.pdf`: the ingestion task run in this process,
+/// reading under the file's own directory unless TORI_STORAGE_ROOT is set.
+fn ingest_one(file: &std::path::Path, options: Option<&str>) -> anyhow::Result<()> {
+    init_logging("warn", LogFormat::Text);
+    tasks::ingestion_status().map_err(anyhow::Error::msg)?;
+    let file = file
+        .canonicalize()
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let root = match std::env::var_os("TORI_STORAGE_ROOT").filter(|v| !v.is_empty()) {
+        Some(root) => std::path::PathBuf::from(root),
+        None => file
+            .parent()
+            .context("the file has no parent directory")?
+            .to_path_buf(),
+    };
+    let task = tasks::ingest::PdfIngestion::new(&root, tasks::ingest::NativeFiles::from_env())
+        .map_err(anyhow::Error::msg)?;
+    let mut kwargs = serde_json::Map::new();
+    if let Some(options) = options {
+        let value: serde_json::Value =
+            serde_json::from_str(options).context("--options is not JSON")?;
+        kwargs.insert("options".into(), value);
+    }
+    let cancel = tasks::CancelFlag::new();
+    let ctx = tasks::TaskContext {
+        id: "local",
+        name: "pdf_ingestion",
+        retries: 0,
+        cancel: &cancel,
+        progress: &StderrProgress,
+    };
+    let args = vec![serde_json::json!(file.display().to_string())];
+    match tasks::DynTask::call(&task, &ctx, args, kwargs) {
+        Ok(result) => {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Err(tasks::TaskError::Failed { exception, .. }) => {
+            anyhow::bail!(
+                "{}.{}: {}",
+                exception.module,
+                exception.name,
+                exception.message()
+            )
+        }
+        Err(other) => anyhow::bail!("ingestion did not finish: {other:?}"),
+    }
 }
 
 fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {

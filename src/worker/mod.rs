@@ -238,6 +238,9 @@ impl Worker {
             tasks = ?ctx.registry.names().collect::<Vec<_>>(),
             "tori-worker starting"
         );
+        if let Err(why) = tasks::ingestion_status() {
+            tracing::warn!(%why, "pdf_ingestion is not available in this worker (run scripts/setup-native); its messages will fail with NotRegistered");
+        }
         ctx.broker.declare_queues(&cfg.queues).await?;
         match ctx.broker.restore_visible().await {
             Ok(n) if n > 0 => {
