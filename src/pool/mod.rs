@@ -85,6 +85,9 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome>;
     /// Pids of the processes running tasks.
     fn pids(&self) -> Vec<u32>;
+    /// Stops every running task now (cold shutdown). Prefork kills its
+    /// processes; threads cannot be killed, so the default does nothing.
+    fn abort(&self) {}
     /// Processes replaced, by cause (prefork only).
     fn restarts(&self) -> std::collections::BTreeMap<&'static str, u64> {
         Default::default()

@@ -64,6 +64,8 @@ impl RestartCounts {
 }
 
 struct Shared {
+    /// Cold shutdown: every supervisor kills its child.
+    abort: tokio_util::sync::CancellationToken,
     pids: Mutex<Vec<Option<u32>>>,
     idle: Mutex<VecDeque<usize>>,
     restarts: RestartCounts,
@@ -101,6 +103,7 @@ impl PreforkPool {
     pub fn start(cfg: PreforkConfig) -> Self {
         let size = cfg.size.max(1);
         let shared = Arc::new(Shared {
+            abort: tokio_util::sync::CancellationToken::new(),
             pids: Mutex::new(vec![None; size]),
             idle: Mutex::new((0..size).collect()),
             restarts: RestartCounts::default(),
@@ -164,6 +167,10 @@ impl Pool for PreforkPool {
 
     fn restarts(&self) -> BTreeMap<&'static str, u64> {
         self.shared.restarts.snapshot()
+    }
+
+    fn abort(&self) {
+        self.shared.abort.cancel();
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -333,7 +340,7 @@ async fn supervise(
                 shared.set_pid(index, None);
                 continue 'spawn;
             }
-            let end = watch_job(&cfg, &mut running, &dispatch.job).await;
+            let end = watch_job(&cfg, &mut running, &dispatch.job, &shared.abort).await;
             served += 1;
             let recycle =
                 end.replace.is_none() && cfg.max_tasks_per_child.is_some_and(|max| served >= max);
@@ -372,7 +379,12 @@ async fn supervise(
 
 /// Runs one job to its end, enforcing the soft limit (Cancel frame), the
 /// hard limit and the memory cap (SIGKILL), and noticing the child's death.
-async fn watch_job(cfg: &PreforkConfig, running: &mut Running, job: &Job) -> JobEnd {
+async fn watch_job(
+    cfg: &PreforkConfig,
+    running: &mut Running,
+    job: &Job,
+    abort: &tokio_util::sync::CancellationToken,
+) -> JobEnd {
     let started = Instant::now();
     let soft_at = job.soft_limit.map(|d| started + d);
     let hard_at = job.hard_limit.map(|d| started + d);
@@ -399,7 +411,7 @@ async fn watch_job(cfg: &PreforkConfig, running: &mut Running, job: &Job) -> Job
                 None => {
                     let status = running.child.wait().await.ok();
                     let how = describe_exit(status);
-                    tracing::error!(pid = running.pid, status = %how, "pool process died while running a task; replacing it");
+                    tracing::error!(pid = running.pid, status = %how, task_id = %job.id, task_name = %job.name, "pool process died while running a task; replacing it");
                     return JobEnd {
                         outcome: JobOutcome::WorkerLost(format!("Worker exited prematurely: {how} (pid {})", running.pid)),
                         replace: Some("died"),
@@ -414,22 +426,30 @@ async fn watch_job(cfg: &PreforkConfig, running: &mut Running, job: &Job) -> Job
             }
             _ = sleep_until(hard_at) => {
                 kill(running).await;
-                tracing::error!(pid = running.pid, "hard time limit reached; pool process killed");
+                tracing::error!(pid = running.pid, task_id = %job.id, task_name = %job.name, "hard time limit reached; pool process killed");
                 return JobEnd {
                     outcome: JobOutcome::HardTimeLimit(job.hard_limit.unwrap_or_default()),
                     replace: Some("time-limit"),
                 };
             }
+            _ = abort.cancelled() => {
+                kill(running).await;
+                tracing::warn!(pid = running.pid, task_id = %job.id, task_name = %job.name, "cold shutdown: pool process killed");
+                return JobEnd {
+                    outcome: JobOutcome::WorkerLost("the worker was shut down (cold)".into()),
+                    replace: Some("shutdown"),
+                };
+            }
             _ = job.terminate.notified() => {
                 kill(running).await;
-                tracing::warn!(pid = running.pid, "task revoked with terminate; pool process killed");
+                tracing::warn!(pid = running.pid, task_id = %job.id, task_name = %job.name, "task revoked with terminate; pool process killed");
                 return JobEnd { outcome: JobOutcome::Terminated, replace: Some("terminated") };
             }
             _ = rss_tick.tick(), if cfg.max_memory_kib.is_some() => {
                 let cap = cfg.max_memory_kib.unwrap_or(u64::MAX);
                 if let Some(rss) = rss_kib(running.pid).filter(|rss| *rss > cap) {
                     kill(running).await;
-                    tracing::error!(pid = running.pid, rss_kib = rss, cap_kib = cap, "memory cap exceeded; pool process killed");
+                    tracing::error!(pid = running.pid, rss_kib = rss, cap_kib = cap, task_id = %job.id, task_name = %job.name, "memory cap exceeded; pool process killed");
                     return JobEnd {
                         outcome: JobOutcome::MemoryLimit { rss_kib: rss, cap_kib: cap },
                         replace: Some("memory-cap"),

@@ -84,7 +84,16 @@ pub(crate) fn accept(
                     }
                 }
             }
-            ctx.inflight.remove(&tag);
+            // A message abandoned because the worker is stopping stays in
+            // the table: shutdown puts it back on its queue.
+            let abandoned = ctx.stopping()
+                && ctx
+                    .inflight
+                    .get(&tag)
+                    .is_some_and(|e| !e.acked && matches!(e.phase, Phase::Reserved | Phase::Scheduled));
+            if !abandoned {
+                ctx.inflight.remove(&tag);
+            }
         }
         .instrument(span)
 }

@@ -418,7 +418,13 @@ async fn shutdown(ctx: &Arc<Ctx>, handlers: &TaskTracker, mode: Stop) {
     if tokio::time::timeout(wait, handlers.wait()).await.is_ok() {
         return;
     }
-    for (tag, entry) in ctx.inflight.take_running_unacked() {
+    // Cold, or the warm wait ran out: take the running late-ack messages
+    // back, stop their processes first (so a task is never running here
+    // while another worker already runs it again), then restore them.
+    let interrupted = ctx.inflight.take_running_unacked();
+    ctx.pool.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), handlers.wait()).await;
+    for (tag, entry) in interrupted {
         match ctx.broker.restore(&tag, false).await {
             Ok(_) => {
                 tracing::warn!(task_id = %entry.task_id, task_name = %entry.task_name, "running task interrupted by shutdown; message restored, it will run again")
@@ -456,21 +462,21 @@ fn lease_interval(visibility_timeout: Duration) -> Duration {
 
 async fn lease_keeper(ctx: Arc<Ctx>) {
     let every = lease_interval(ctx.cfg.visibility_timeout);
+    let mut last = Instant::now();
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = ctx.stopped() => {
-                if ctx.inflight.is_empty() { return; }
-                // Keep leases fresh while running tasks finish.
-                tokio::time::sleep(every).await;
-            }
-        }
+        // Wake often enough to leave promptly once a stop has drained
+        // everything we hold.
+        tokio::time::sleep(every.min(Duration::from_millis(100))).await;
         let tags = ctx.inflight.lease_tags();
+        if ctx.stopping() && tags.is_empty() {
+            return;
+        }
+        if last.elapsed() < every {
+            continue;
+        }
+        last = Instant::now();
         if let Err(e) = ctx.broker.refresh_leases(&tags).await {
             tracing::warn!(error = %e, held = tags.len(), "could not refresh leases");
-        }
-        if ctx.stopping() && ctx.inflight.is_empty() {
-            return;
         }
     }
 }

@@ -82,6 +82,19 @@ fn traceback_text(f: &Finish<'_>, e: &PyException, detail: Option<&str>) -> Stri
 
 pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
     let secs = f.runtime.as_secs_f64();
+    if ctx
+        .inflight
+        .get(f.tag)
+        .is_some_and(|e| e.phase == super::Phase::Restored)
+    {
+        // A cold shutdown took the message back and stopped the process:
+        // the task will run again elsewhere, so record nothing.
+        tracing::warn!(
+            runtime = secs,
+            "task interrupted by shutdown; its message was restored"
+        );
+        return;
+    }
     ctx.count_finished(&f.msg.task);
     ctx.metrics.runtime(&f.msg.task, secs);
     let failure = match outcome {

@@ -8,6 +8,9 @@
   ``tori.noop`` round-trips, SIGTERMs it at teardown (SIGKILL after 15 s).
 * ``python_worker_factory``: a real Python Celery prefork worker with
   Python implementations of the tori.* tasks.
+* ``flower_factory``: real Flower servers (``celery flower``, unauthenticated
+  API) on free ports; ``chromium``: renders a URL in headless Chromium
+  (screenshot + DOM).
 
 When a test fails, the tails of every worker and redis log it used are
 attached to the failure report.
@@ -27,11 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tori_harness import (  # noqa: E402
     PY_WORKER_MODULE,
+    FlowerServer,
     RedisServer,
     WorkerProcess,
+    chromium_bin,
     clean_env,
     make_client_app,
     python_worker_cmd,
+    render_page,
     tail_file,
     tori_bin,
     wait_worker_ready,
@@ -249,3 +255,44 @@ def python_worker_factory(request, tmp_path):
     yield start
     for w in workers:
         w.terminate(timeout=15)
+
+
+# --------------------------------------------------------------------------
+# Flower and headless Chromium (monitoring tests)
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def flower_factory(request, tmp_path):
+    """``start(broker, *extra_flower_args)`` -> a ready ``FlowerServer``;
+    every server is stopped at teardown and its log attached on failure."""
+    servers: list[FlowerServer] = []
+
+    def start(broker: str, *extra_args: str, timeout: float = 30.0) -> FlowerServer:
+        srv = FlowerServer(broker, tmp_path, extra_args, name=f"flower-{len(servers) + 1}")
+        servers.append(srv)
+        _register_log(request, srv.label, lambda s=srv: s.log_path)
+        return srv.start(timeout)
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+@pytest.fixture
+def chromium(request, tmp_path):
+    """``render(url, screenshot_path) -> DOM`` with headless Chromium.
+
+    Fails (does not skip) when Chromium is missing: ``scripts/bootstrap``
+    installs the Debian package ``chromium``; ``$CHROMIUM_BIN`` overrides."""
+    binary = chromium_bin()
+    if not binary or not os.access(binary, os.X_OK):
+        pytest.fail("chromium not found: install the Debian package `chromium` "
+                    "(scripts/bootstrap does) or set CHROMIUM_BIN", pytrace=False)
+    workdir = tmp_path / "chromium"
+    workdir.mkdir(exist_ok=True)
+    _register_log(request, "chromium", lambda: workdir / "chromium.log")
+
+    def render(url: str, screenshot, **kw) -> str:
+        return render_page(url, screenshot, workdir, binary=binary, **kw)
+
+    return render

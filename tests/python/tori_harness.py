@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -554,3 +557,156 @@ def python_worker_cmd(concurrency: int = 2, hostname: str = "pyworker@%h") -> li
             "--pool", "prefork", "-c", str(concurrency), "-n", hostname,
             "--loglevel", "info", "--without-gossip", "--without-mingle",
             "--without-heartbeat"]
+
+
+# --------------------------------------------------------------------------
+# the real `celery` CLI, Flower and headless Chromium (monitoring tests)
+# --------------------------------------------------------------------------
+
+ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def artifacts_dir() -> Path:
+    """``tests/artifacts/`` (gitignored): files kept after a run, e.g. screenshots."""
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS_DIR
+
+
+def celery_cli() -> list[str]:
+    """argv prefix of the real ``celery`` command of this interpreter's venv."""
+    exe = Path(sys.executable).with_name("celery")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "celery"]
+
+
+def run_celery_cli(broker: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """``celery -b <broker> <args...>`` (no app module), captured text output."""
+    return subprocess.run(celery_cli() + ["-b", broker, *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    """(status, body) of a GET; HTTP errors are returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
+
+
+class FlowerServer:
+    """Real Flower (``celery --broker=URL flower``) on a free 127.0.0.1 port.
+
+    Its HTTP API is opened with ``FLOWER_UNAUTHENTICATED_API=true``; stdout and
+    stderr go to ``log_path``. Ready = ``/healthcheck`` answers ``OK``.
+    """
+
+    def __init__(self, broker: str, workdir: Path, extra_args: Iterable[str] = (),
+                 name: str = "flower"):
+        self.broker = broker
+        self.workdir = Path(workdir)
+        self.extra_args = list(extra_args)
+        self.log_path = self.workdir / f"{name}.log"
+        self.label = f"flower ({name})"
+        self.port: Optional[int] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self._logf = None
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self, timeout: float = 30.0) -> "FlowerServer":
+        last = ""
+        for _ in range(3):  # a free port can be taken between probe and bind
+            self.port = free_port()
+            cmd = celery_cli() + [f"--broker={self.broker}", "flower", f"--port={self.port}",
+                                  "--address=127.0.0.1", *self.extra_args]
+            self._logf = open(self.log_path, "ab", buffering=0)
+            self._logf.write(("$ " + " ".join(cmd) + "\n").encode())
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=self._logf, stderr=subprocess.STDOUT,
+                env=clean_env({"FLOWER_UNAUTHENTICATED_API": "true", "PYTHONUNBUFFERED": "1"}),
+                cwd=str(self.workdir), start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    status, body = http_get(self.url("/healthcheck"), timeout=2)
+                    if status == 200 and body.strip() == "OK":
+                        return self
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            timed_out = self.proc.poll() is None
+            last = tail_file(self.log_path, 30)
+            self.close()
+            if timed_out:  # not a port clash: retrying would not help
+                break
+        raise RuntimeError(f"flower did not become ready on port {self.port}:\n{last}")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def get_json(self, path: str, timeout: float = 15.0):
+        status, body = http_get(self.url(path), timeout=timeout)
+        if status != 200:
+            raise AssertionError(f"GET {path} -> HTTP {status}: {body[:500]}")
+        return json.loads(body)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._logf is not None:
+            try:
+                self._logf.close()
+            except Exception:
+                pass
+
+
+def chromium_bin() -> Optional[str]:
+    """``$CHROMIUM_BIN``, else ``chromium`` / ``chromium-browser`` on PATH."""
+    if os.environ.get("CHROMIUM_BIN"):
+        return os.environ["CHROMIUM_BIN"]
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+)
+
+
+def render_page(url: str, screenshot: Path, workdir: Path, window: str = "1400,900",
+                virtual_time_ms: int = 8000, timeout: float = 90.0,
+                binary: Optional[str] = None) -> str:
+    """Load ``url`` in headless Chromium (fresh profile under ``workdir``),
+    save a PNG of the window to ``screenshot`` and return the DOM as it is
+    after the page's scripts ran (``--dump-dom``). Chromium's stderr goes to
+    ``workdir/chromium.log``."""
+    binary = binary or chromium_bin()
+    if not binary:
+        raise FileNotFoundError("chromium not found (Debian package `chromium`)")
+    workdir = Path(workdir)
+    profile = workdir / "chromium-profile"
+    profile.mkdir(parents=True, exist_ok=True)
+    screenshot = Path(screenshot)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    if screenshot.exists():
+        screenshot.unlink()
+    cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+           f"--screenshot={screenshot}", f"--window-size={window}",
+           f"--virtual-time-budget={virtual_time_ms}", "--dump-dom", url]
+    with open(workdir / "chromium.log", "ab") as err:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=err, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"chromium exited {proc.returncode}:\n"
+                           f"{tail_file(workdir / 'chromium.log', 30)}")
+    return proc.stdout.decode("utf-8", "replace")

@@ -1,0 +1,560 @@
+"""Monitoring integration tests (issue 5): ops tools see and steer tori-worker.
+
+Everything here is driven by the real tools against the real binary and a
+private redis-server per test:
+
+* the ``celery`` CLI (``celery -b URL inspect|control ...``, no app module,
+  ``-j`` JSON output): ping, stats, active, registered, active_queues,
+  revoked, conf list the tori-worker node with values that match how it was
+  started; ``control terminate SIGTERM <id>`` stops a running
+  ``tori.sleep(60)`` and its state becomes REVOKED at once. (Celery 5.7's
+  CLI has no ``revoke --terminate`` option; ``terminate <signal> <id>`` is
+  its spelling of ``revoke(id, terminate=True, signal=...)``.)
+* ``app.control.add_consumer`` / ``cancel_consumer`` change what is consumed.
+* Flower 2.2 (``flower_factory``): ``/api/workers?refresh=1`` has the
+  worker's stats, registered tasks, queues and conf; ``/api/tasks`` has the
+  tori tasks with state, args and runtime (built by Flower from task
+  events); the worker stays online while a CPU-bound task occupies every
+  pool process, and goes offline right after SIGTERM (worker-offline).
+* Flower's dashboard rendered in headless Chromium shows the worker and its
+  processed count; the screenshot is kept in ``tests/artifacts/``.
+* ``celery control rate_limit`` changes throughput measurably.
+
+A known deviation xfails at its last step (and passes once fixed):
+``active``'s ``worker_pid`` always names the first pool process.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import struct
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from celery.exceptions import TaskRevokedError
+
+from tori_harness import artifacts_dir, run_celery_cli, wait_for
+
+CLI_TIMEOUT = "2"  # seconds the CLI waits for replies (``--timeout``)
+PASSWORD = "mon-s3cret-pw"
+SPIN_SECONDS = 24  # CPU-bound task length in the "stays online" test
+SCREENSHOT = "flower-dashboard.png"
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+def cli_json(broker: str, *args: str):
+    """Run ``celery -b broker <args>`` and parse its ``-j`` output."""
+    proc = run_celery_cli(broker, *args, timeout=60)
+    shown = "celery " + " ".join(args)
+    assert proc.returncode == 0, (f"`{shown}` exited {proc.returncode}\n"
+                                  f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError(f"`{shown}` did not print JSON: {proc.stdout[-2000:]!r}\n"
+                             f"stderr: {proc.stderr[-2000:]}") from None
+
+
+def inspect_cli(broker: str, command: str, *args: str, node: str | None = None) -> dict:
+    """``celery inspect <command>``: {node: reply} (broadcast unless ``node``)."""
+    argv = ["inspect", command, *args, "--timeout", CLI_TIMEOUT, "-j"]
+    if node:
+        argv += ["-d", node]
+    return cli_json(broker, *argv)
+
+
+def control_cli(broker: str, command: str, *args: str, node: str | None = None) -> dict:
+    """``celery control <command>``: its -j output is a list of {node: reply}."""
+    argv = ["control", command, *args, "--timeout", CLI_TIMEOUT, "-j"]
+    if node:
+        argv += ["-d", node]
+    replies = cli_json(broker, *argv)
+    assert isinstance(replies, list), replies
+    merged: dict = {}
+    for r in replies:
+        merged.update(r)
+    return merged
+
+
+def _stat_fields(path: str):
+    """Fields after ``comm`` of a /proc stat file, or None when it is gone."""
+    try:
+        data = Path(path).read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(")") + 2:].split()
+
+
+def ppid_of(pid: int):
+    """Parent pid from /proc, or None when ``pid`` is gone or a zombie."""
+    f = _stat_fields(f"/proc/{pid}/stat")
+    return None if f is None or f[0] in ("Z", "X") else int(f[1])
+
+
+def is_running(pid: int) -> bool:
+    """True if any thread of ``pid`` is running or runnable (state R)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any((_stat_fields(f"/proc/{pid}/task/{t}/stat") or ["?"])[0] == "R" for t in tids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of ``pid`` (all threads), 0.0 if it is gone."""
+    f = _stat_fields(f"/proc/{pid}/stat")
+    return 0.0 if f is None else (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def queue_names(app, node: str) -> set[str]:
+    reply = app.control.inspect(destination=[node], timeout=2).active_queues() or {}
+    assert node in reply, f"no active_queues reply from {node}: {reply!r}"
+    return {q["name"] for q in reply[node]}
+
+
+def flower_status(flower, node: str):
+    """Flower's online flag for ``node`` (None while Flower does not know it)."""
+    return flower.get_json("/api/workers?status=1").get(node)
+
+
+def wait_online(flower, node: str, timeout: float = 15.0) -> None:
+    wait_for(lambda: flower_status(flower, node) is True, timeout, interval=0.2,
+             message=lambda: f"Flower never saw {node} online: "
+                             f"{flower.get_json('/api/workers?status=1')!r}")
+
+
+def flower_worker_rows(flower) -> dict:
+    """Flower's dashboard data (``/workers?json=1``) by hostname: event
+    counters (``task-received`` ...), heartbeat fields (``active``,
+    ``processed``, ``loadavg``, ``heartbeats``) and ``status``."""
+    return {row["hostname"]: row for row in flower.get_json("/workers?json=1")["data"]}
+
+
+class _TableRows(HTMLParser):
+    """Text of every ``<tr>``'s cells (``td``/``th``) in a document."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th") and self.rows:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+# --------------------------------------------------------------------------
+# 1. celery inspect / control (CLI)
+# --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_celery_cli_inspect_lists_worker_and_terminate_revokes(
+        redis_server, redis_client, worker_factory, celery_app_factory):
+    # A password on the broker, so `conf`/`stats` must mask it.
+    redis_client.config_set("requirepass", PASSWORD)
+    broker = f"redis://:{PASSWORD}@127.0.0.1:{redis_server.port}/0"
+    node = "cli@tests"
+    # --concurrency 3 differs from this machine's default (its CPU count).
+    worker = worker_factory(broker, "--concurrency", "3", queues=["celery", "mon.extra"],
+                            hostname=node)
+    app = celery_app_factory(broker)
+
+    sleeper = app.send_task("tori.sleep", args=[60])
+    wait_for(lambda: (app.control.inspect(destination=[node], timeout=1).active() or {})
+             .get(node), timeout=15, interval=0.2,
+             message="tori.sleep(60) never showed up as active")
+
+    # What an operator types, broadcast (no -d), all at once.
+    commands = ["ping", "stats", "active", "registered", "active_queues", "revoked", "conf"]
+    with cf.ThreadPoolExecutor(len(commands)) as ex:
+        futures = {c: ex.submit(inspect_cli, broker, c) for c in commands}
+        out = {c: f.result() for c, f in futures.items()}
+    for c in commands:
+        assert set(out[c]) == {node}, f"inspect {c}: replies from {set(out[c])}, want {node}"
+
+    assert out["ping"][node] == {"ok": "pong"}
+
+    stats = out["stats"][node]
+    assert stats["pid"] == worker.pid
+    pool = stats["pool"]
+    assert pool["max-concurrency"] == 3, pool
+    procs = pool["processes"]
+    assert len(procs) == 3 and len(set(procs)) == 3, pool
+    for pid in procs:
+        assert ppid_of(pid) == worker.pid, f"stats pool process {pid} is not a live child of the worker"
+    assert stats["prefetch_count"] == 3, stats["prefetch_count"]  # multiplier 1 x 3
+    assert isinstance(stats["clock"], str) and int(stats["clock"]) > 0, stats["clock"]
+    assert isinstance(stats["uptime"], int) and 0 <= stats["uptime"] < 300, stats["uptime"]
+    assert stats["total"].get("tori.noop", 0) >= 1, stats["total"]  # the readiness probe
+    assert {"utime", "stime", "maxrss"} <= set(stats["rusage"]), stats["rusage"]
+    assert (stats["broker"]["hostname"], stats["broker"]["port"], stats["broker"]["transport"]) \
+        == ("127.0.0.1", redis_server.port, "redis"), stats["broker"]
+    assert PASSWORD not in json.dumps(stats)
+
+    active = out["active"][node]
+    assert len(active) == 1, active
+    req = active[0]
+    assert (req["id"], req["name"], req["type"]) == (sleeper.id, "tori.sleep", "tori.sleep"), req
+    assert req["args"] == [60] and req["kwargs"] == {}, req
+    assert req["hostname"] == node
+    assert req["worker_pid"] in procs, (req["worker_pid"], procs)
+    assert abs(time.time() - req["time_start"]) < 60, req["time_start"]
+    assert req["delivery_info"]["routing_key"] == "celery", req["delivery_info"]
+
+    registered = out["registered"][node]
+    assert {"tori.echo", "tori.noop", "tori.sleep", "tori.fail"} <= set(registered), registered
+    assert "tori.chaos.spin" not in registered  # chaos tasks only with --enable-chaos-tasks
+
+    queues = out["active_queues"][node]
+    assert sorted(q["name"] for q in queues) == ["celery", "mon.extra"], queues
+    for q in queues:
+        assert q["routing_key"] == q["name"] and q["exchange"]["name"] == q["name"], q
+
+    assert out["revoked"][node] == []
+
+    conf = out["conf"][node]
+    assert conf["worker_concurrency"] == 3, conf
+    assert "********" in conf["broker_url"] and PASSWORD not in json.dumps(conf), conf
+
+    # terminate: the CLI's form of revoke(id, terminate=True, signal=SIGTERM).
+    # A bystander task runs in another pool process meanwhile and must live.
+    bystander = app.send_task("tori.sleep", args=[2])
+    wait_for(lambda: len((app.control.inspect(destination=[node], timeout=1).active() or {})
+                         .get(node) or []) == 2, timeout=10, interval=0.1,
+             message="the bystander tori.sleep(2) never started")
+    t0 = time.monotonic()
+    replies = control_cli(broker, "terminate", "SIGTERM", sleeper.id)
+    cli_took = time.monotonic() - t0
+    assert replies == {node: {"ok": f"terminate: {sleeper.id}"}}
+    wait_for(lambda: sleeper.state == "REVOKED", timeout=3, interval=0.05,
+             message=lambda: f"state {sleeper.state} after terminate (CLI took {cli_took:.1f}s)")
+    assert time.monotonic() - t0 < 10
+    assert isinstance(sleeper.result, TaskRevokedError) and "terminated" in str(sleeper.result), \
+        repr(sleeper.result)
+    assert bystander.get(timeout=10) == 2  # its process was not the one killed
+
+    revoked = inspect_cli(broker, "revoked", node=node)[node]
+    assert sleeper.id in revoked, revoked
+    inspector = app.control.inspect(destination=[node], timeout=2)
+    assert inspector.active()[node] == []
+    # Exactly one pool process (the one running the task) was killed and replaced.
+    procs2 = inspector.stats()[node]["pool"]["processes"]
+    gone = set(procs) - set(procs2)
+    assert len(procs2) == 3 and len(gone) == 1, (procs, procs2)
+    assert ppid_of(gone.pop()) is None
+
+
+# --------------------------------------------------------------------------
+# 2. add_consumer / cancel_consumer
+# --------------------------------------------------------------------------
+
+def test_add_and_cancel_consumer_change_consumed_queues(
+        redis_server, redis_client, worker_factory, app):
+    node = "consumer@tests"
+    worker_factory(redis_server.url(), "--concurrency", "2", hostname=node)
+    q = "mon.added"
+
+    early = app.send_task("tori.echo", args=["early"], queue=q)
+    time.sleep(1.5)
+    assert early.state == "PENDING" and redis_client.llen(q) == 1, "queue consumed before add_consumer"
+
+    reply = app.control.add_consumer(q, reply=True, destination=[node], timeout=5)
+    assert reply == [{node: {"ok": f"add consumer {q}"}}]
+    assert early.get(timeout=10) == {"args": ["early"], "kwargs": {}}
+    assert queue_names(app, node) == {"celery", q}
+    assert app.send_task("tori.echo", args=["later"], queue=q).get(timeout=10) \
+        == {"args": ["later"], "kwargs": {}}
+
+    reply = app.control.cancel_consumer(q, reply=True, destination=[node], timeout=5)
+    assert reply == [{node: {"ok": f"no longer consuming from {q}"}}]
+    assert queue_names(app, node) == {"celery"}
+    # A BRPOP issued before the cancel (1 s timeout) may still cover the queue.
+    time.sleep(1.5)
+    orphan = app.send_task("tori.echo", args=["orphan"], queue=q)
+    time.sleep(2.5)
+    assert orphan.state == "PENDING" and redis_client.llen(q) == 1, \
+        f"{q} still consumed after cancel_consumer (state {orphan.state})"
+    # ...while the worker goes on consuming its other queue.
+    assert app.send_task("tori.echo", args=["default"]).get(timeout=10) \
+        == {"args": ["default"], "kwargs": {}}
+
+
+# --------------------------------------------------------------------------
+# 3. Flower API
+# --------------------------------------------------------------------------
+
+def test_flower_api_lists_worker_and_tori_tasks(redis_server, worker_factory, flower_factory, app):
+    url = redis_server.url()
+    node = "flower-api@tests"
+    worker_factory(url, "-E", "--concurrency", "2", hostname=node)
+    flower = flower_factory(url)
+    wait_online(flower, node)
+
+    sleeper = app.send_task("tori.sleep", args=[3])
+    echo = app.send_task("tori.echo", args=[7, "x"], kwargs={"k": [1, 2]})
+    fail = app.send_task("tori.fail", args=["boom-from-test"])
+
+    info = flower.get_json("/api/workers?refresh=1")[node]
+    stats = info["stats"]
+    assert stats["pool"]["max-concurrency"] == 2 and len(stats["pool"]["processes"]) == 2, stats["pool"]
+    assert stats["prefetch_count"] == 2 and "rusage" in stats and "broker" in stats, stats
+    assert {"tori.echo", "tori.sleep", "tori.fail", "tori.noop"} <= set(info["registered"]), \
+        info["registered"]
+    assert [q["name"] for q in info["active_queues"]] == ["celery"], info["active_queues"]
+    assert info["conf"]["worker_send_task_events"] is True, info["conf"]
+
+    # Flower's worker view asks `active` with safe=True: args as repr strings.
+    def sleeper_active():
+        act = flower.get_json(f"/api/workers?refresh=1&workername={node}")[node].get("active") or []
+        return next((a for a in act if a["id"] == sleeper.id), None)
+    running = wait_for(sleeper_active, timeout=10, interval=0.3,
+                       message="Flower's refresh never listed the running tori.sleep")
+    assert running["name"] == "tori.sleep" and running["args"] == "[3]", running
+
+    assert echo.get(timeout=10) == {"args": [7, "x"], "kwargs": {"k": [1, 2]}}
+    assert sleeper.get(timeout=15) == 3
+    with pytest.raises(RuntimeError, match="boom-from-test"):
+        fail.get(timeout=10)
+
+    ids = {echo.id, sleeper.id, fail.id}
+
+    def tasks_final():
+        tasks = flower.get_json("/api/tasks")
+        done = all(tasks.get(i, {}).get("state") in ("SUCCESS", "FAILURE") for i in ids)
+        return tasks if done else None
+    tasks = wait_for(tasks_final, timeout=10, interval=0.3,
+                     message=lambda: f"Flower /api/tasks: "
+                                     f"{ {i: t.get('state') for i, t in flower.get_json('/api/tasks').items()} }")
+
+    t = tasks[echo.id]
+    assert (t["name"], t["state"], t["worker"]) == ("tori.echo", "SUCCESS", node), t
+    assert t["args"] == "[7, 'x']" and t["kwargs"] == "{'k': [1, 2]}", t
+    assert t["result"] == "{'args': [7, 'x'], 'kwargs': {'k': [1, 2]}}", t
+    assert isinstance(t["runtime"], float) and 0 <= t["runtime"] < 5, t
+    assert t["received"] and t["started"] and t["succeeded"], t
+
+    t = tasks[sleeper.id]
+    # tori.sleep answers a float ("3.0" where Python's sleep(3) would say "3").
+    assert (t["name"], t["state"], t["args"]) == ("tori.sleep", "SUCCESS", "[3]"), t
+    assert float(t["result"]) == 3, t
+    assert 2.9 <= t["runtime"] < 10, t
+
+    t = tasks[fail.id]
+    assert (t["name"], t["state"], t["args"]) == ("tori.fail", "FAILURE", "['boom-from-test']"), t
+    assert t["exception"] == "RuntimeError('boom-from-test')", t
+    assert "boom-from-test" in (t["traceback"] or ""), t
+
+
+@pytest.mark.slow
+def test_flower_keeps_cpu_bound_worker_online_then_offline_after_sigterm(
+        redis_server, worker_factory, flower_factory, app):
+    url = redis_server.url()
+    node = "busy@tests"
+    worker = worker_factory(url, "--enable-chaos-tasks", "--concurrency", "2", hostname=node)
+    flower = flower_factory(url)
+    wait_online(flower, node)
+
+    # One tight CPU loop per pool process (2 processes on a 2-core machine).
+    spins = [app.send_task("tori.chaos.spin", args=[SPIN_SECONDS]) for _ in range(2)]
+    spin_ids = {s.id for s in spins}
+
+    def both_running():
+        act = (app.control.inspect(destination=[node], timeout=1).active() or {}).get(node) or []
+        return act if {a["id"] for a in act} == spin_ids else None
+    wait_for(both_running, timeout=15, interval=0.2,
+             message="the two tori.chaos.spin tasks never ran at the same time")
+    # Every pool process burns CPU (checked below from /proc: `active`'s
+    # worker_pid cannot tell, see test_active_worker_pid_names_the_running_process).
+    stats = app.control.inspect(destination=[node], timeout=2).stats()[node]
+    procs = stats["pool"]["processes"]
+    assert len(procs) == 2, procs
+    cpu0 = {pid: cpu_seconds(pid) for pid in procs}
+
+    start = time.monotonic()
+    samples: list[tuple[float, object]] = []
+    busy_heartbeat = 0
+    pinged = None
+    cpu1, cpu_window = dict(cpu0), 0.0
+    running = {pid: 0 for pid in procs}  # samples in which it was running/runnable
+    while not all(s.ready() for s in spins):
+        elapsed = time.monotonic() - start
+        if elapsed < SPIN_SECONDS - 6:
+            cpu1 = {pid: cpu_seconds(pid) for pid in procs}
+            cpu_window = elapsed
+        assert elapsed < SPIN_SECONDS + 30, "spin tasks did not finish"
+        samples.append((round(elapsed, 1), flower_status(flower, node)))
+        for pid in procs:
+            running[pid] += is_running(pid)
+        row = flower_worker_rows(flower).get(node, {})
+        busy_heartbeat = max(busy_heartbeat, row.get("active") or 0)
+        if pinged is None and elapsed > SPIN_SECONDS / 2:
+            pinged = app.control.ping(destination=[node], timeout=2)
+        time.sleep(1)
+    assert [s.get(timeout=5) > 0 for s in spins] == [True, True]
+
+    offline = [s for s in samples if s[1] is not True]
+    assert not offline, f"Flower showed {node} not online while busy: {offline} (all: {samples})"
+    assert len(samples) >= SPIN_SECONDS - 8, f"load was too short to prove anything: {samples}"
+    assert all(n >= 0.8 * len(samples) for n in running.values()), \
+        f"pool processes not runnable all along (R samples of {len(samples)}): {running}"
+    assert busy_heartbeat == 2, f"heartbeats never reported both processes active ({busy_heartbeat})"
+    assert pinged == [{node: {"ok": "pong"}}], f"ping while busy: {pinged!r}"
+    # CPU actually burnt by each (a loose bound: the machine may be shared).
+    burnt = {pid: round(cpu1[pid] - cpu0[pid], 1) for pid in procs}
+    assert all(b >= 0.1 * cpu_window for b in burnt.values()), \
+        f"not every pool process was busy: CPU s {burnt} in {cpu_window:.0f}s"
+
+    t0 = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: flower_status(flower, node) is False, timeout=6, interval=0.2,
+             message=lambda: f"still {flower_status(flower, node)!r} after SIGTERM")
+    went_offline = time.monotonic() - t0
+    # Told by worker-offline, not by the 4 s heartbeat expiry.
+    row = flower_worker_rows(flower)[node]
+    assert row.get("worker-offline") == 1 and row.get("heartbeats") == [], \
+        f"no worker-offline event seen by Flower ({went_offline:.1f}s): {row}"
+    assert worker.proc.wait(15) == 0
+
+
+# --------------------------------------------------------------------------
+# 4. Flower dashboard in headless Chromium
+# --------------------------------------------------------------------------
+
+def test_flower_dashboard_in_chromium_shows_worker_and_processed_count(
+        redis_server, worker_factory, flower_factory, chromium, app):
+    url = redis_server.url()
+    node = "dash@tests"
+    worker_factory(url, "-E", "--concurrency", "2", hostname=node)
+    flower = flower_factory(url)
+    wait_online(flower, node)
+    # tasks already run (the readiness probe) count in the heartbeats' `processed`
+    ran_before = sum(app.control.inspect(destination=[node], timeout=2)
+                     .stats()[node]["total"].values())
+
+    results = [app.send_task("tori.echo", args=[i]) for i in range(5)]
+    results.append(app.send_task("tori.fail", args=["dashboard"]))
+    for r in results:
+        wait_for(r.ready, timeout=10, message=f"task {r.id} never finished")
+
+    # Flower's dashboard "Processed" column is its count of task-received
+    # events for the worker (Failed / Succeeded: task-failed / -succeeded).
+    def counted():
+        row = flower_worker_rows(flower).get(node, {})
+        got = (row.get("task-received"), row.get("task-succeeded"), row.get("task-failed"))
+        return row if got == (6, 5, 1) else None
+    wait_for(counted, timeout=10, interval=0.3,
+             message=lambda: f"Flower's counters: {flower_worker_rows(flower).get(node)}")
+    # The heartbeats' own `processed` counts every task the worker finished.
+    wait_for(lambda: flower_worker_rows(flower)[node].get("processed") == ran_before + 6,
+             timeout=6,
+             message=lambda: f"heartbeat processed: {flower_worker_rows(flower)[node].get('processed')}")
+
+    # The dashboard ("/") is rendered server-side (Tornado template fills the
+    # workers table) and then decorated by its JS (status badge, totals), so
+    # --dump-dom of "/" itself carries the row; no CDP needed.
+    png = artifacts_dir() / SCREENSHOT
+    dom = chromium(flower.url("/"), png)
+    (artifacts_dir() / "flower-dashboard.html").write_text(dom)
+
+    assert node in dom
+    parser = _TableRows()
+    parser.feed(dom)
+    rows = [r for r in parser.rows if r and r[0] == node]
+    assert len(rows) == 1, f"no dashboard row for {node}: {parser.rows}"
+    cells = rows[0]
+    # Worker | Status | Active | Processed | Failed | Succeeded | Load Average
+    assert len(cells) >= 6, cells
+    assert cells[1] == "Online", cells
+    assert (cells[3], cells[4], cells[5]) == ("6", "1", "5"), cells
+
+    assert png.stat().st_size > 10_000, f"suspiciously small screenshot ({png.stat().st_size} B)"
+    assert png_size(png) == (1400, 900)
+
+
+# --------------------------------------------------------------------------
+# 5. rate limit from the CLI
+# --------------------------------------------------------------------------
+
+def test_rate_limit_from_cli_changes_throughput(redis_server, worker_factory, app):
+    broker = redis_server.url()
+    node = "rate@tests"
+    worker_factory(broker, "--concurrency", "2", hostname=node)
+
+    def twenty_noops() -> float:
+        t0 = time.monotonic()
+        results = [app.send_task("tori.noop") for _ in range(20)]
+        for r in results:
+            assert r.get(timeout=60) is None
+        return time.monotonic() - t0
+
+    before = twenty_noops()
+    assert before < 2.0, f"20 noops took {before:.2f}s without a rate limit"
+
+    assert control_cli(broker, "rate_limit", "tori.noop", "5/s") \
+        == {node: {"ok": "new rate limit set successfully"}}
+    registered = app.control.inspect(destination=[node], timeout=2).registered("rate_limit")
+    assert "tori.noop [rate_limit=5/s]" in registered[node], registered
+
+    limited = twenty_noops()
+    # 5/s: 20 tasks need >= 19 intervals of 0.2 s
+    assert limited >= 3.5, f"20 noops at 5/s took only {limited:.2f}s (before: {before:.2f}s)"
+    assert limited < 15, f"20 noops at 5/s took {limited:.2f}s"
+
+    assert control_cli(broker, "rate_limit", "tori.noop", "0", node=node) \
+        == {node: {"ok": "rate limit disabled successfully"}}
+    unlimited = twenty_noops()
+    assert unlimited < 2.0, f"20 noops took {unlimited:.2f}s after the limit was removed"
+
+
+# --------------------------------------------------------------------------
+# known deviation: worker_pid in `active`
+# --------------------------------------------------------------------------
+
+def test_active_worker_pid_names_the_running_process(redis_server, worker_factory, app):
+    """Two tasks running at once must name their two different pool processes.
+
+    Known deviation: tori-worker reports the *first* pool process as the
+    worker_pid of every active task (src/worker/message.rs,
+    ``ctx.pool.pids().first()``), so this test xfails at its last step until
+    that is fixed; everything before it is asserted normally."""
+    node = "pids@tests"
+    worker_factory(redis_server.url(), "--concurrency", "2", hostname=node)
+    sleeps = [app.send_task("tori.sleep", args=[2]) for _ in range(2)]
+    inspector = app.control.inspect(destination=[node], timeout=1)
+
+    def both_active():
+        act = (inspector.active() or {}).get(node) or []
+        return act if {a["id"] for a in act} == {r.id for r in sleeps} else None
+    active = wait_for(both_active, timeout=10, interval=0.1,
+                      message="the two tori.sleep(2) never ran together")
+    procs = inspector.stats()[node]["pool"]["processes"]
+    for r in sleeps:
+        assert r.get(timeout=10) == 2
+    pids = sorted(a["worker_pid"] for a in active)
+    assert set(pids) <= set(procs), (pids, procs)
+    if pids != sorted(procs):
+        pytest.xfail(f"known deviation: active worker_pid {pids}, pool processes {procs}")
