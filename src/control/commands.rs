@@ -285,6 +285,9 @@ async fn revoke(ctx: &Ctx, args: &Map<String, Value>, terminate: bool) -> Value 
             .filter(|e| e.phase == Phase::Active);
         match running {
             Some(entry) if terminate => {
+                entry
+                    .terminate_signal
+                    .store(signal_number(args.get("signal")), Ordering::Relaxed);
                 entry.terminate.notify_one();
                 terminated.push(id.clone());
             }
@@ -321,6 +324,23 @@ async fn revoke(ctx: &Ctx, args: &Map<String, Value>, terminate: bool) -> Value 
     } else {
         let set: Vec<String> = ids.iter().map(|i| format!("'{i}'")).collect();
         json!({"ok": format!("tasks {{{}}} flagged as revoked", set.join(", "))})
+    }
+}
+
+/// Celery accepts `"SIGTERM"`, `"TERM"`, `"KILL"` or a number.
+fn signal_number(value: Option<&Value>) -> i32 {
+    match value {
+        Some(Value::Number(n)) => n.as_i64().map(|n| n as i32).unwrap_or(15),
+        Some(Value::String(s)) => match s.trim_start_matches("SIG").to_ascii_uppercase().as_str() {
+            "KILL" => 9,
+            "INT" => 2,
+            "QUIT" => 3,
+            "HUP" => 1,
+            "USR1" => 10,
+            "USR2" => 12,
+            _ => 15,
+        },
+        _ => 15,
     }
 }
 

@@ -33,6 +33,10 @@ pub struct Job {
     pub progress: Arc<dyn ProgressSink>,
     /// `revoke(terminate=True)`: stop it now (prefork kills its process).
     pub terminate: Arc<tokio::sync::Notify>,
+    /// The signal to stop it with (Celery's `signal=` argument).
+    pub terminate_signal: Arc<std::sync::atomic::AtomicI32>,
+    /// The pool writes the pid of the process running it here.
+    pub pid: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for Job {

@@ -340,7 +340,15 @@ async fn supervise(
                 shared.set_pid(index, None);
                 continue 'spawn;
             }
+            dispatch
+                .job
+                .pid
+                .store(running.pid, std::sync::atomic::Ordering::Relaxed);
             let end = watch_job(&cfg, &mut running, &dispatch.job, &shared.abort).await;
+            dispatch
+                .job
+                .pid
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             served += 1;
             let recycle =
                 end.replace.is_none() && cfg.max_tasks_per_child.is_some_and(|max| served >= max);
@@ -441,7 +449,8 @@ async fn watch_job(
                 };
             }
             _ = job.terminate.notified() => {
-                kill(running).await;
+                let signal = job.terminate_signal.load(std::sync::atomic::Ordering::Relaxed);
+                signal_then_kill(running, signal).await;
                 tracing::warn!(pid = running.pid, task_id = %job.id, task_name = %job.name, "task revoked with terminate; pool process killed");
                 return JobEnd { outcome: JobOutcome::Terminated, replace: Some("terminated") };
             }
@@ -458,6 +467,23 @@ async fn watch_job(
             }
         }
     }
+}
+
+/// Sends `signal` (revoke's `signal=`), then SIGKILL if the process is
+/// still there a second later.
+async fn signal_then_kill(running: &mut Running, signal: i32) {
+    let sig = rustix::process::Signal::from_named_raw(signal);
+    let pid = rustix::process::Pid::from_raw(running.pid as i32);
+    if let (Some(sig), Some(pid)) = (sig, pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+        if tokio::time::timeout(Duration::from_secs(1), running.child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    kill(running).await;
 }
 
 async fn kill(running: &mut Running) {

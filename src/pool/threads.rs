@@ -92,6 +92,8 @@ impl Pool for ThreadPool {
         let hard = job.hard_limit;
         let cancel = job.cancel.clone();
         let terminate = job.terminate.clone();
+        job.pid
+            .store(std::process::id(), std::sync::atomic::Ordering::Relaxed);
         let task = tokio::task::spawn_blocking(move || {
             let outcome = run_job_here(&job);
             // The slot is held until the thread is really free, even if the

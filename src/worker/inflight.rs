@@ -6,6 +6,7 @@
 //! or restored.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -40,7 +41,8 @@ pub struct Entry {
     pub kwargsrepr: String,
     /// Epoch seconds when it started running.
     pub time_start: Option<f64>,
-    pub worker_pid: Option<u32>,
+    /// Pid of the process running it, set by the pool (0 = not running).
+    pub worker_pid: Arc<AtomicU32>,
     pub exchange: String,
     pub routing_key: String,
     pub priority: u8,
@@ -48,6 +50,8 @@ pub struct Entry {
     /// Notified by `revoke(terminate=True)`: the pool kills the process
     /// running it.
     pub terminate: Arc<Notify>,
+    /// The signal `revoke(terminate=True, signal=...)` asked for.
+    pub terminate_signal: Arc<AtomicI32>,
 }
 
 impl Entry {
@@ -74,7 +78,10 @@ impl Entry {
                 "priority": self.priority,
                 "redelivered": self.redelivered,
             },
-            "worker_pid": self.worker_pid,
+            "worker_pid": match self.worker_pid.load(Ordering::Relaxed) {
+                0 => None,
+                pid => Some(pid),
+            },
         })
     }
 }
@@ -112,10 +119,9 @@ impl InFlight {
     }
 
     /// Records that the task started running.
-    pub fn set_started(&self, tag: &str, time_start: f64, pid: Option<u32>) {
+    pub fn set_started(&self, tag: &str, time_start: f64) {
         if let Some(e) = self.lock().get_mut(tag) {
             e.time_start = Some(time_start);
-            e.worker_pid = pid;
         }
     }
 
@@ -218,12 +224,13 @@ mod tests {
             argsrepr: "()".into(),
             kwargsrepr: "{}".into(),
             time_start: None,
-            worker_pid: None,
+            worker_pid: Arc::default(),
             exchange: String::new(),
             routing_key: "q".into(),
             priority: 0,
             redelivered: false,
             terminate: Arc::default(),
+            terminate_signal: Arc::default(),
         }
     }
 

@@ -52,12 +52,13 @@ pub(crate) fn accept(
             argsrepr: msg.map(argsrepr).unwrap_or_default(),
             kwargsrepr: msg.map(kwargsrepr).unwrap_or_default(),
             time_start: None,
-            worker_pid: None,
+            worker_pid: Arc::default(),
             exchange: env.exchange().to_owned(),
             routing_key: env.routing_key().to_owned(),
             priority: env.priority(),
             redelivered: env.redelivered(),
             terminate: Arc::default(),
+            terminate_signal: Arc::new(std::sync::atomic::AtomicI32::new(15)),
         },
     );
     let span = tracing::info_span!("task", task_id = %task_id, task_name = %task_name);
@@ -127,9 +128,10 @@ pub(crate) async fn store_revoked(
     task_id: &str,
     tag: &str,
     reason: &str,
-    terminated: bool,
+    signum: Option<i32>,
     expired: bool,
 ) {
+    let terminated = signum.is_some();
     let doc = StateDoc::new(
         task_id,
         State::Revoked,
@@ -148,7 +150,7 @@ pub(crate) async fn store_revoked(
             crate::fields! {
                 "uuid" => task_id,
                 "terminated" => terminated,
-                "signum" => if terminated { Some(15) } else { None },
+                "signum" => signum,
                 "expired" => expired,
             },
         )
@@ -220,7 +222,7 @@ async fn life(
         .await;
     if ctx.revoked.contains(&msg.id) {
         tracing::warn!("task was revoked; discarding it");
-        store_revoked(ctx, &msg.id, tag, "revoked", false, false).await;
+        store_revoked(ctx, &msg.id, tag, "revoked", None, false).await;
         return;
     }
 
@@ -296,7 +298,7 @@ async fn life(
                 return;
             }
             if ctx.revoked.contains(&msg.id) {
-                store_revoked(ctx, &msg.id, tag, "revoked", false, false).await;
+                store_revoked(ctx, &msg.id, tag, "revoked", None, false).await;
                 return;
             }
             return run(ctx, delivery, tag, msg, task, None).await;
@@ -310,7 +312,7 @@ async fn revoke_if_expired(ctx: &Ctx, msg: &TaskMessage, tag: &str) -> bool {
     match msg.expires {
         Some(expires) if expires <= Utc::now() => {
             tracing::warn!(%expires, "task expired before it could run; storing REVOKED");
-            store_revoked(ctx, &msg.id, tag, "expired", false, true).await;
+            store_revoked(ctx, &msg.id, tag, "expired", None, true).await;
             true
         }
         _ => false,
@@ -347,17 +349,15 @@ async fn run(
         _ = ctx.stopped() => return, // still Reserved: shutdown puts it back
     };
     if ctx.revoked.contains(&msg.id) {
-        store_revoked(ctx, &msg.id, tag, "revoked", false, false).await;
+        store_revoked(ctx, &msg.id, tag, "revoked", None, false).await;
         return;
     }
     if !ctx.inflight.advance(tag, Phase::Active) {
         return;
     }
-    let terminate = ctx
-        .inflight
-        .get(tag)
-        .map(|e| e.terminate)
-        .unwrap_or_default();
+    let Some(entry) = ctx.inflight.get(tag) else {
+        return;
+    };
     let options = task.options();
     let acks_late = options.acks_late.unwrap_or(ctx.cfg.acks_late);
     if !acks_late {
@@ -430,10 +430,11 @@ async fn run(
         hard_limit: hard.map(Duration::from_secs_f64),
         cancel: Arc::new(CancelFlag::new()),
         progress: Arc::new(ChannelProgress(progress_tx)),
-        terminate,
+        terminate: entry.terminate.clone(),
+        terminate_signal: entry.terminate_signal.clone(),
+        pid: entry.worker_pid.clone(),
     };
-    ctx.inflight
-        .set_started(tag, epoch(), ctx.pool.pids().first().copied());
+    ctx.inflight.set_started(tag, epoch());
     tracing::info!("task started");
     ctx.events
         .task("task-started", crate::fields! {"uuid" => msg.id})

@@ -100,8 +100,23 @@ pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
     let failure = match outcome {
         JobOutcome::Terminated => {
             tracing::warn!(runtime = secs, "task terminated by revoke");
-            return super::message::store_revoked(ctx, &f.msg.id, f.tag, "terminated", true, false)
-                .await;
+            let signum = ctx
+                .inflight
+                .get(f.tag)
+                .map(|e| {
+                    e.terminate_signal
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .unwrap_or(15);
+            return super::message::store_revoked(
+                ctx,
+                &f.msg.id,
+                f.tag,
+                "terminated",
+                Some(signum),
+                false,
+            )
+            .await;
         }
         JobOutcome::Finished {
             result: Ok(value), ..

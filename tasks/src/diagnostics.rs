@@ -76,23 +76,25 @@ pub struct Sleep;
 
 #[derive(Debug, Deserialize)]
 pub struct SleepArgs {
-    seconds: f64,
+    /// Kept as given so `sleep(1)` returns `1`, not `1.0`, like Python.
+    seconds: serde_json::Number,
 }
 
 impl Task for Sleep {
     const NAME: &'static str = "tori.sleep";
     const PARAMS: &'static [&'static str] = &["seconds"];
     type Args = SleepArgs;
-    type Output = f64;
+    type Output = serde_json::Number;
 
-    fn run(&self, ctx: &TaskContext<'_>, args: SleepArgs) -> Result<f64, TaskError> {
-        if !args.seconds.is_finite() || args.seconds < 0.0 {
+    fn run(&self, ctx: &TaskContext<'_>, args: SleepArgs) -> Result<serde_json::Number, TaskError> {
+        let seconds = args.seconds.as_f64().unwrap_or(f64::NAN);
+        if !seconds.is_finite() || seconds < 0.0 {
             return Err(TaskError::value(format!(
                 "seconds must be a finite number >= 0, got {}",
                 args.seconds
             )));
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         loop {
             ctx.checkpoint()?;
             let now = Instant::now();
@@ -242,7 +244,7 @@ mod tests {
             cancel: &cancel,
             progress: &NoProgress,
         };
-        let out = Sleep.run(&ctx, SleepArgs { seconds: 10.0 });
+        let out = Sleep.run(&ctx, SleepArgs { seconds: 10.into() });
         assert_eq!(out, Err(TaskError::SoftTimeLimitExceeded));
     }
 

@@ -20,8 +20,7 @@ private redis-server per test:
   processed count; the screenshot is kept in ``tests/artifacts/``.
 * ``celery control rate_limit`` changes throughput measurably.
 
-A known deviation xfails at its last step (and passes once fixed):
-``active``'s ``worker_pid`` always names the first pool process.
+``active``'s ``worker_pid`` names the pool process really running each task.
 """
 from __future__ import annotations
 
@@ -531,16 +530,11 @@ def test_rate_limit_from_cli_changes_throughput(redis_server, worker_factory, ap
 
 
 # --------------------------------------------------------------------------
-# known deviation: worker_pid in `active`
+# worker_pid in `active`
 # --------------------------------------------------------------------------
 
 def test_active_worker_pid_names_the_running_process(redis_server, worker_factory, app):
-    """Two tasks running at once must name their two different pool processes.
-
-    Known deviation: tori-worker reports the *first* pool process as the
-    worker_pid of every active task (src/worker/message.rs,
-    ``ctx.pool.pids().first()``), so this test xfails at its last step until
-    that is fixed; everything before it is asserted normally."""
+    """Two tasks running at once must name their two different pool processes."""
     node = "pids@tests"
     worker_factory(redis_server.url(), "--concurrency", "2", hostname=node)
     sleeps = [app.send_task("tori.sleep", args=[2]) for _ in range(2)]
@@ -556,5 +550,4 @@ def test_active_worker_pid_names_the_running_process(redis_server, worker_factor
         assert r.get(timeout=10) == 2
     pids = sorted(a["worker_pid"] for a in active)
     assert set(pids) <= set(procs), (pids, procs)
-    if pids != sorted(procs):
-        pytest.xfail(f"known deviation: active worker_pid {pids}, pool processes {procs}")
+    assert pids == sorted(procs), f"active worker_pid {pids}, pool processes {procs}"

@@ -161,17 +161,24 @@ impl PdfIngestion {
             ));
         }
         let candidate = root.join(path_part); // an absolute path replaces root
+                                              // Refuse what is outside the root by its name alone, before the
+                                              // file system is touched: otherwise the error would tell a producer
+                                              // which files exist outside the root.
+        let outside = || {
+            exc(
+                "PermissionError",
+                format!("[outside_storage_root] {file_ref} is outside the storage root"),
+            )
+        };
+        if !lexically_normal(&candidate).starts_with(root) {
+            return Err(outside());
+        }
         let resolved = candidate
             .canonicalize()
             .map_err(|e| exc("FileNotFoundError", format!("[not_found] {file_ref}: {e}")))?;
+        // Symlinks may still point out of the root.
         if !resolved.starts_with(root) {
-            return Err(exc(
-                "PermissionError",
-                format!(
-                    "[outside_storage_root] {file_ref} resolves outside the storage root {}",
-                    root.display()
-                ),
-            ));
+            return Err(outside());
         }
         if !resolved.is_file() {
             return Err(value_error(format!(
@@ -401,4 +408,19 @@ fn ms(t: Instant) -> f64 {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Resolves `.` and `..` by name only (no file system access).
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
