@@ -255,6 +255,15 @@ impl Worker {
             .send("worker-online", ctx.heartbeat_fields())
             .await;
         background.spawn(heartbeat(ctx.clone()));
+        {
+            let ctx = ctx.clone();
+            background.spawn(async move {
+                let stop = ctx.clone();
+                ctx.events
+                    .flusher(async move { stop.stopped().await })
+                    .await;
+            });
+        }
         background.spawn(crate::control::mailbox(ctx.clone()));
         background.spawn(lease_keeper(ctx.clone()));
         if let Some(addr) = ctx.cfg.metrics_addr.clone() {
@@ -339,6 +348,18 @@ async fn consume(ctx: &Arc<Ctx>, handlers: &TaskTracker) {
                 for item in items {
                     let permit = permits.pop().expect("never fetch more than permits");
                     match item {
+                        Fetched::Message(delivery) if !ctx.queues().contains(&delivery.queue) => {
+                            // Fetched in the instant a cancel_consumer took
+                            // the queue away: hand it back, as kombu does.
+                            let ctx = ctx.clone();
+                            handlers.spawn(async move {
+                                let tag = delivery.envelope.delivery_tag().to_owned();
+                                if let Err(e) = ctx.broker.restore(&tag, true).await {
+                                    tracing::warn!(error = %e, "could not requeue a message of a cancelled queue");
+                                }
+                                drop(permit);
+                            });
+                        }
                         Fetched::Message(delivery) => {
                             handlers.spawn(message::accept(ctx.clone(), delivery, permit));
                         }
