@@ -65,7 +65,36 @@ pub(super) async fn dispatch(ctx: &Ctx, req: &Request) -> Option<Value> {
             ctx.stop_tx.send_replace(Stop::Warm);
             return None;
         }
-        "pool_grow" | "pool_shrink" | "autoscale" | "pool_restart" => json!({
+        "pool_grow" => {
+            let n = args.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+            ctx.pool.grow(n);
+            ctx.prefetch.add_permits(n * ctx.cfg.prefetch_multiplier);
+            tracing::info!(n, size = ctx.pool.size(), "pool grown by remote control");
+            json!({"ok": "pool will grow"})
+        }
+        "pool_shrink" => {
+            let n = args.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+            if ctx.pool.size() <= n {
+                json!({"error": "Can't shrink the pool below one process"})
+            } else {
+                let pool = ctx.pool.clone();
+                let prefetch = ctx.prefetch.clone();
+                let fewer = n * ctx.cfg.prefetch_multiplier;
+                // Slots are taken back as tasks finish; reply at once, as
+                // Celery does.
+                tokio::spawn(async move {
+                    if let Err(e) = pool.shrink(n).await {
+                        tracing::warn!(error = %e, "pool shrink stopped");
+                    }
+                    if let Ok(permits) = prefetch.acquire_many(fewer as u32).await {
+                        permits.forget();
+                    }
+                    tracing::info!(size = pool.size(), "pool shrunk by remote control");
+                });
+                json!({"ok": "pool will shrink"})
+            }
+        }
+        "autoscale" | "pool_restart" => json!({
             "error": format!("{} is not supported by tori-worker yet: restart the worker with another --concurrency", req.method)
         }),
         other => json!({"error": format!("KeyError('{other}')")}),
@@ -517,7 +546,7 @@ fn stats(ctx: &Ctx) -> Value {
             "alternates": [],
             "credential_provider": null,
         },
-        "prefetch_count": c.concurrency * c.prefetch_multiplier,
+        "prefetch_count": ctx.pool.size() * c.prefetch_multiplier,
         "rusage": rusage(),
         "sw_ident": crate::events::SW_IDENT,
         "sw_ver": crate::events::SW_VER,

@@ -89,6 +89,14 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome>;
     /// Pids of the processes running tasks.
     fn pids(&self) -> Vec<u32>;
+    /// Adds `n` execution slots (prefork: `n` more processes).
+    fn grow(&self, n: usize);
+    /// Removes `n` slots once they are free (prefork: their processes
+    /// exit); never below one.
+    fn shrink(
+        &self,
+        n: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
     /// Stops every running task now (cold shutdown). Prefork kills its
     /// processes; threads cannot be killed, so the default does nothing.
     fn abort(&self) {}

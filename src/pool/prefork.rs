@@ -84,16 +84,18 @@ impl Shared {
 }
 
 pub struct PreforkPool {
-    size: usize,
+    cfg: PreforkConfig,
+    size: std::sync::atomic::AtomicUsize,
     slots: Arc<Semaphore>,
-    senders: Vec<mpsc::UnboundedSender<Dispatch>>,
+    /// One per supervisor ever started; `None` once shrunk away.
+    senders: Mutex<Vec<Option<mpsc::UnboundedSender<Dispatch>>>>,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for PreforkPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreforkPool")
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish_non_exhaustive()
     }
 }
@@ -102,24 +104,39 @@ impl PreforkPool {
     /// Starts the supervisors; children start in the background.
     pub fn start(cfg: PreforkConfig) -> Self {
         let size = cfg.size.max(1);
-        let shared = Arc::new(Shared {
-            abort: tokio_util::sync::CancellationToken::new(),
-            pids: Mutex::new(vec![None; size]),
-            idle: Mutex::new((0..size).collect()),
-            restarts: RestartCounts::default(),
-        });
-        let mut senders = Vec::with_capacity(size);
-        for index in 0..size {
-            let (tx, rx) = mpsc::unbounded_channel();
-            senders.push(tx);
-            tokio::spawn(supervise(index, cfg.clone(), rx, shared.clone()));
-        }
-        Self {
-            size,
-            slots: Arc::new(Semaphore::new(size)),
-            senders,
-            shared,
-        }
+        let pool = Self {
+            cfg,
+            size: 0.into(),
+            slots: Arc::new(Semaphore::new(0)),
+            senders: Mutex::new(Vec::new()),
+            shared: Arc::new(Shared {
+                abort: tokio_util::sync::CancellationToken::new(),
+                pids: Mutex::new(Vec::new()),
+                idle: Mutex::new(VecDeque::new()),
+                restarts: RestartCounts::default(),
+            }),
+        };
+        pool.grow(size);
+        pool
+    }
+
+    /// Starts one more supervisor (and its child) and opens its slot.
+    fn add_supervisor(&self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let index = {
+            let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+            senders.push(Some(tx));
+            senders.len() - 1
+        };
+        self.shared
+            .pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(None);
+        self.shared.push_idle(index);
+        tokio::spawn(supervise(index, self.cfg.clone(), rx, self.shared.clone()));
+        self.size.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.slots.add_permits(1);
     }
 }
 
@@ -129,7 +146,41 @@ impl Pool for PreforkPool {
     }
 
     fn size(&self) -> usize {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn grow(&self, n: usize) {
+        for _ in 0..n {
+            self.add_supervisor();
+        }
+    }
+
+    /// Takes a free slot for good, then retires an idle supervisor: its
+    /// child finishes nothing (it is idle) and exits.
+    fn shrink(
+        &self,
+        n: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            for _ in 0..n {
+                if self.size() <= 1 {
+                    return Err("cannot shrink the pool below one process".into());
+                }
+                self.size.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let permit = self.slots.acquire().await.map_err(|e| e.to_string())?;
+                permit.forget();
+                let index = self
+                    .shared
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_back()
+                    .ok_or("no idle process to retire")?;
+                // Dropping the sender ends that supervisor's loop.
+                self.senders.lock().unwrap_or_else(|p| p.into_inner())[index] = None;
+            }
+            Ok(())
+        })
     }
 
     fn acquire(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Slot> + Send + '_>> {
@@ -155,9 +206,13 @@ impl Pool for PreforkPool {
             .unwrap_or_else(|p| p.into_inner())
             .pop_front()
             .expect("a held slot implies an idle supervisor");
-        if let Err(mpsc::error::SendError(d)) =
-            self.senders[index].send(Dispatch { job, slot, reply })
-        {
+        let sender = self.senders.lock().unwrap_or_else(|p| p.into_inner())[index].clone();
+        let dispatch = Dispatch { job, slot, reply };
+        let refused = match sender {
+            Some(tx) => tx.send(dispatch).err().map(|e| e.0),
+            None => Some(dispatch),
+        };
+        if let Some(d) = refused {
             let _ = d
                 .reply
                 .send(JobOutcome::WorkerLost("the pool is shutting down".into()));

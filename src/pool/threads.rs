@@ -17,7 +17,7 @@ use super::{Job, JobOutcome, Pool, Slot};
 #[derive(Debug)]
 pub struct ThreadPool {
     kind: &'static str,
-    size: usize,
+    size: std::sync::atomic::AtomicUsize,
     slots: Arc<Semaphore>,
 }
 
@@ -27,7 +27,7 @@ impl ThreadPool {
         let size = size.max(1);
         Self {
             kind,
-            size,
+            size: size.into(),
             slots: Arc::new(Semaphore::new(size)),
         }
     }
@@ -71,7 +71,29 @@ impl Pool for ThreadPool {
     }
 
     fn size(&self) -> usize {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn grow(&self, n: usize) {
+        self.slots.add_permits(n);
+        self.size.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn shrink(
+        &self,
+        n: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            for _ in 0..n {
+                if self.size() <= 1 {
+                    return Err("cannot shrink the pool below one slot".into());
+                }
+                self.size.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let permit = self.slots.acquire().await.map_err(|e| e.to_string())?;
+                permit.forget();
+            }
+            Ok(())
+        })
     }
 
     fn acquire(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Slot> + Send + '_>> {

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from celery.exceptions import TaskRevokedError
 
-from tori_harness import artifacts_dir, run_celery_cli, wait_for
+from tori_harness import artifacts_dir, free_port, http_get, run_celery_cli, wait_for
 
 CLI_TIMEOUT = "2"  # seconds the CLI waits for replies (``--timeout``)
 PASSWORD = "mon-s3cret-pw"
@@ -551,3 +551,71 @@ def test_active_worker_pid_names_the_running_process(redis_server, worker_factor
     pids = sorted(a["worker_pid"] for a in active)
     assert set(pids) <= set(procs), (pids, procs)
     assert pids == sorted(procs), f"active worker_pid {pids}, pool processes {procs}"
+
+
+# --------------------------------------------------------------------------
+# pool_grow / pool_shrink
+# --------------------------------------------------------------------------
+
+def test_pool_grow_and_shrink_change_processes_and_parallelism(redis_server, worker_factory, app):
+    """pool_grow adds pool processes that run tasks in parallel; pool_shrink
+    retires them (never below one) and prefetch follows."""
+    node = "resize@tests"
+    worker_factory(redis_server.url(), "--concurrency", "1", hostname=node)
+    inspector = app.control.inspect(destination=[node], timeout=1)
+
+    def pool():
+        st = inspector.stats()[node]
+        return st["pool"]["max-concurrency"], st["pool"]["processes"], st["prefetch_count"]
+
+    size, procs, prefetch = pool()
+    assert (size, len(procs), prefetch) == (1, 1, 1)
+    assert app.control.pool_grow(2, destination=[node], reply=True, timeout=1) == [
+        {node: {"ok": "pool will grow"}}]
+    grown = wait_for(lambda: (lambda p: p if len(p[1]) == 3 else None)(pool()), timeout=10,
+                     message="pool did not grow to 3 processes")
+    assert grown[0] == 3 and grown[2] == 3
+    t = time.monotonic()
+    results = [app.send_task("tori.sleep", args=[1]) for _ in range(3)]
+    assert [r.get(timeout=15) for r in results] == [1, 1, 1]
+    assert time.monotonic() - t < 2.5, "three 1 s tasks on three processes must overlap"
+
+    assert app.control.pool_shrink(2, destination=[node], reply=True, timeout=1) == [
+        {node: {"ok": "pool will shrink"}}]
+    shrunk = wait_for(lambda: (lambda p: p if len(p[1]) == 1 else None)(pool()), timeout=10,
+                      message="pool did not shrink to 1 process")
+    assert shrunk[0] == 1 and shrunk[2] == 1
+    reply = app.control.pool_shrink(1, destination=[node], reply=True, timeout=1)
+    assert "error" in reply[0][node]
+    t = time.monotonic()
+    results = [app.send_task("tori.sleep", args=[1]) for _ in range(2)]
+    assert [r.get(timeout=15) for r in results] == [1, 1]
+    assert time.monotonic() - t >= 1.9, "one process must run the two tasks one after the other"
+
+
+# --------------------------------------------------------------------------
+# Prometheus metrics and health
+# --------------------------------------------------------------------------
+
+def test_metrics_and_healthz(redis_server, worker_factory, app):
+    """/metrics counts tasks by name and outcome, runtimes and queue length;
+    /healthz is 200 while the worker polls."""
+    port = free_port()
+    worker_factory(redis_server.url(), "--concurrency", "2", "--metrics-addr",
+                   f"127.0.0.1:{port}", hostname="metrics@tests")
+    assert app.send_task("tori.echo", args=[1]).get(timeout=10) == {"args": [1], "kwargs": {}}
+    with pytest.raises(RuntimeError):
+        app.send_task("tori.fail", args=["x"]).get(timeout=10)
+    app.send_task("tori.noop", queue="metrics.waiting")  # nobody consumes it
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    assert 'tori_tasks_total{worker="metrics@tests",task="tori.echo",state="succeeded"} 1' in body
+    assert 'tori_tasks_total{worker="metrics@tests",task="tori.fail",state="failed"} 1' in body
+    assert 'tori_task_runtime_seconds_count{worker="metrics@tests",task="tori.echo"} 1' in body
+    assert 'tori_queue_length{queue="celery"} 0' in body
+    assert 'tori_pool_size{worker="metrics@tests"} 2' in body
+    assert "tori_last_poll_timestamp_seconds" in body
+    status, body = http_get(f"http://127.0.0.1:{port}/healthz")
+    assert (status, body.strip()) == (200, "ok")
+    status, _ = http_get(f"http://127.0.0.1:{port}/nope")
+    assert status == 404
