@@ -794,3 +794,57 @@ def test_packages_typecheck(tmp_path):
     assert r.returncode == 0, f"mypy:\n{r.stdout}{r.stderr}"
     assert (REPO / "python-bridge/src/tori_bridge/py.typed").is_file()
     assert (REPO / "fastapi-shim/src/tori_shim/py.typed").is_file()
+
+
+# --------------------------------------------------------------------------
+# the jobs table on PostgreSQL (the machine's server; a database per run)
+# --------------------------------------------------------------------------
+
+PG_ADMIN_URL = os.environ.get("TORI_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def test_jobs_table_on_postgresql(attach_logs, tmp_path):
+    """TORI_SHIM_DATABASE_URL=postgresql+psycopg://... keeps the jobs table in
+    PostgreSQL: a job submitted through the shim is recorded there and
+    reaches its terminal state, read back both through GET /jobs and with
+    plain SQL."""
+    import uuid
+    import warnings
+
+    import psycopg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    from tori_shim import Settings, create_app
+
+    stack = attach_logs
+    db = f"tori_shim_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db}"
+    try:
+        url = stack.redis.url()
+        settings = Settings(broker_url=url, result_backend=url,
+                            database_url=db_url.replace("postgresql://", "postgresql+psycopg://", 1),
+                            max_upload_bytes=MAX_UPLOAD, max_queue=100)
+        app = create_app(settings, LocalStorage(stack.storage))
+        pdf = pdf_path(pick_pdfs()[0][0]).read_bytes()
+        with TestClient(app) as client:
+            r = client.post("/jobs", files={"file": ("pg.pdf", pdf, "application/pdf")})
+            assert r.status_code in (200, 202), r.text
+            job_id = r.json()["job_id"]
+            done = wait_for(
+                lambda: (lambda j: j if j["task_status"] in TERMINAL else None)(
+                    client.get(f"/jobs/{job_id}").json()),
+                timeout=90, interval=0.2, message="the PostgreSQL-backed job never finished")
+            assert done["task_status"] == "SUCCESS", done
+            listed = {j["job_id"]: j for j in client.get("/jobs").json()["jobs"]}
+            assert listed[job_id]["status"] == "SUCCESS"
+            assert listed[job_id]["sha256"] == hashlib.sha256(pdf).hexdigest()
+        with psycopg.connect(db_url) as conn:
+            rows = conn.execute("SELECT status, sha256 FROM tori_jobs").fetchall()
+        assert rows == [("SUCCESS", hashlib.sha256(pdf).hexdigest())]
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
