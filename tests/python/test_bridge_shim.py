@@ -262,7 +262,9 @@ def test_schema_matches_model_and_rust_struct():
     jsonschema.Draft202012Validator.check_schema(schema)
     task_rs = (REPO / "tasks/src/ingest/task.rs").read_text()
     embed_rs = (REPO / "tasks/src/ingest/embed.rs").read_text()
+    summarize_rs = (REPO / "tasks/src/ingest/summarize.rs").read_text()
     pairs = [
+        (schema["$defs"]["Concept"], tori_bridge.Concept, _rust_struct_fields(summarize_rs, "Concept")),
         (schema, IngestResult, _rust_struct_fields(task_rs, "IngestResult")),
         (schema["$defs"]["Language"], tori_bridge.Language, _rust_struct_fields(task_rs, "Language")),
         (schema["$defs"]["Timings"], tori_bridge.Timings, _rust_struct_fields(task_rs, "Timings")),

@@ -8,8 +8,10 @@ The default app reads ``CELERY_BROKER_URL`` / ``CELERY_RESULT_BACKEND`` /
 """
 from .app import broker_url_from_env, make_celery_app, result_backend_from_env
 from .models import (
+    Artifacts,
     EmbedStats,
     IngestProgress,
+    Concept,
     IngestResult,
     Language,
     TaskError,
@@ -48,7 +50,7 @@ from .tasks import (
 )
 
 __all__ = [
-    "ALIASES", "HEAD_BYTES_PDF", "EmbedStats", "IngestProgress", "IngestResult", "Language", "LocalStorage",
+    "ALIASES", "Artifacts", "Concept", "HEAD_BYTES_PDF", "EmbedStats", "IngestProgress", "IngestResult", "Language", "LocalStorage",
     "ObjectStorage", "PendingUpload", "Storage", "StorageError", "StoredFile", "Stubs",
     "TERMINAL_STATES", "TaskError", "TaskRunsInToriWorker", "TaskStatus", "Timings",
     "UploadTooLarge", "WORKER_TASKS", "app", "broker_url_from_env", "define_stubs", "echo",

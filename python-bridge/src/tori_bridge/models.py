@@ -38,7 +38,24 @@ class Timings(_Model):
     clean_ms: float = Field(ge=0)
     chunk_ms: float = Field(ge=0)
     embed_ms: float = Field(ge=0)
+    summarize_ms: float = Field(ge=0)
     total_ms: float = Field(ge=0)
+
+
+class Concept(_Model):
+    """A keyphrase of the document."""
+
+    phrase: str
+    score: float = Field(ge=0)
+    count: int = Field(ge=1)
+
+
+class Artifacts(_Model):
+    """URLs of one document's artifacts (``file://`` or ``s3://``)."""
+
+    pages: str
+    chunks: str
+    result: str
 
 
 class IngestResult(_Model):
@@ -60,8 +77,12 @@ class IngestResult(_Model):
     embedding_dim: Optional[int]
     embed_stats: Optional[EmbedStats]
     header_footer_lines_removed: int = Field(ge=0)
+    summary: list[str]
+    concepts: list[Concept]
     warnings: list[str]
     timings: Timings
+    artifacts: Optional[Artifacts]
+    reused: bool
 
 
 class IngestProgress(_Model):

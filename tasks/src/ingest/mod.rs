@@ -14,11 +14,13 @@
 //! - [`embed`]: ONNX Runtime embeddings, mean pooled and L2 normalized;
 //! - [`task`]: the `pdf_ingestion` Celery task tying them together.
 
+pub mod artifacts;
 pub mod chunk;
 pub mod clean;
 pub mod embed;
 pub mod extract;
 pub mod native;
+pub mod summarize;
 pub mod task;
 
 pub use extract::{ExtractError, Extracted, Extractor, PageText, PdfiumExtractor};

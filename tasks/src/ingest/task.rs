@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::artifacts::{self, ArtifactStore, ArtifactUrls};
 use super::chunk::{chunk_pages, ChunkSpec};
 use super::clean::{clean_pages, visible_chars, MIN_TEXT_CHARS};
 use super::embed::{self, EmbedStats, Embedder};
@@ -56,6 +57,7 @@ pub struct Timings {
     pub clean_ms: f64,
     pub chunk_ms: f64,
     pub embed_ms: f64,
+    pub summarize_ms: f64,
     pub total_ms: f64,
 }
 
@@ -81,8 +83,19 @@ pub struct IngestResult {
     pub embedding_dim: Option<usize>,
     pub embed_stats: Option<EmbedStats>,
     pub header_footer_lines_removed: usize,
+    /// A few central sentences (extractive; see `summarize`).
+    pub summary: Vec<String>,
+    /// Top keyphrases with scores.
+    pub concepts: Vec<super::summarize::Concept>,
     pub warnings: Vec<String>,
     pub timings: Timings,
+    /// Where the pages, chunks (with vectors) and this result are stored;
+    /// `None` when no artifact store is configured (library use) or the
+    /// options change the output (see [`PdfIngestion::ingest_or_reuse`]).
+    pub artifacts: Option<ArtifactUrls>,
+    /// True when this result was read back from a stored `result.json`
+    /// instead of being computed.
+    pub reused: bool,
 }
 
 /// What [`PdfIngestion::ingest_bytes`] produces besides the result: the
@@ -101,6 +114,9 @@ pub struct PdfIngestion {
     storage_root: Result<PathBuf, String>,
     files: NativeFiles,
     extractor: PdfiumExtractor,
+    /// `None`: no artifacts (and no reuse); `Some(Err)`: misconfigured,
+    /// every run fails with the reason.
+    artifacts: Option<Result<ArtifactStore, String>>,
 }
 
 impl PdfIngestion {
@@ -116,7 +132,17 @@ impl PdfIngestion {
                     .into(),
             ),
         };
-        Self::with(root, NativeFiles::from_env())
+        let store = ArtifactStore::from_env(root.as_deref().ok());
+        let mut task = Self::with(root, NativeFiles::from_env())?;
+        task.artifacts = Some(store);
+        Ok(task)
+    }
+
+    /// Stores artifacts in `store` and reuses them (see
+    /// [`Self::ingest_or_reuse`]).
+    pub fn with_artifacts(mut self, store: ArtifactStore) -> Self {
+        self.artifacts = Some(Ok(store));
+        self
     }
 
     /// A task reading under `storage_root` with the given native files.
@@ -130,6 +156,7 @@ impl PdfIngestion {
             storage_root,
             extractor: PdfiumExtractor::new(files.pdfium_lib.clone()),
             files,
+            artifacts: None,
         })
     }
 
@@ -271,6 +298,13 @@ impl PdfIngestion {
         };
         let embed_ms = ms(t);
 
+        // Concepts and summary, from the text and vectors we already have.
+        let t = Instant::now();
+        let concepts = super::summarize::concepts(&cleaned.pages.join("\n\n"), 10);
+        let chunk_texts: Vec<String> = chunks.iter().map(|c| c.text.clone()).collect();
+        let summary = super::summarize::summary(&chunk_texts, &vectors, &concepts, 3);
+        let summarize_ms = ms(t);
+
         let result = IngestResult {
             sha256,
             file_ref: file_ref.to_owned(),
@@ -288,6 +322,8 @@ impl PdfIngestion {
             embedding_dim: want_embed.then_some(embed::DIM),
             embed_stats,
             header_footer_lines_removed: cleaned.header_footer_lines_removed,
+            summary,
+            concepts,
             warnings: extracted.warnings.clone(),
             timings: Timings {
                 read_ms,
@@ -295,8 +331,11 @@ impl PdfIngestion {
                 clean_ms,
                 chunk_ms,
                 embed_ms,
+                summarize_ms,
                 total_ms: ((read_ms + ms(total)) * 100.0).round() / 100.0,
             },
+            artifacts: None,
+            reused: false,
         };
         Ok(IngestOutput {
             result,
@@ -314,6 +353,72 @@ impl PdfIngestion {
         opts: &IngestOptions,
     ) -> Result<IngestOutput, TaskError> {
         let t = Instant::now();
+        let bytes = self.read(file_ref, opts)?;
+        self.ingest_bytes(ctx, file_ref, &bytes, opts, ms(t))
+    }
+
+    /// What the task runs: like [`Self::ingest`], plus artifacts. When an
+    /// artifact store is configured and `<sha256>/result.json` exists, that
+    /// result is returned (`reused: true`, fresh read timings, the other
+    /// stages 0) without extracting or embedding. Otherwise the document
+    /// is ingested and `pages.jsonl`, `chunks.jsonl` and then, last, as
+    /// the completion marker, `result.json` are written. Options that
+    /// change the output (chunk size/overlap, `embed: false`) bypass the
+    /// store: artifacts are keyed by the bytes alone.
+    pub fn ingest_or_reuse(
+        &self,
+        ctx: &TaskContext<'_>,
+        file_ref: &str,
+        opts: &IngestOptions,
+    ) -> Result<serde_json::Value, TaskError> {
+        let total = Instant::now();
+        let store = match &self.artifacts {
+            Some(Ok(store)) if default_output(opts) => Some(store),
+            Some(Err(e)) => return Err(runtime(e.clone())),
+            _ => None,
+        };
+        let bytes = self.read(file_ref, opts)?;
+        let Some(store) = store else {
+            let read_ms = ms(total);
+            let out = self.ingest_bytes(ctx, file_ref, &bytes, opts, read_ms)?;
+            return serde_json::to_value(out.result).map_err(|e| runtime(e.to_string()));
+        };
+        let sha256 = hex(&Sha256::digest(&bytes));
+        if let Some(stored) = store.get_result(&sha256).map_err(runtime)? {
+            let mut v: serde_json::Value = serde_json::from_slice(&stored).map_err(|e| {
+                runtime(format!(
+                    "[artifacts_read] {}: {e}",
+                    store.urls(&sha256).result
+                ))
+            })?;
+            if let Some(obj) = v.as_object_mut() {
+                let read_ms = ms(total);
+                if let Some(serde_json::Value::Object(t)) = obj.get_mut("timings") {
+                    for x in t.values_mut() {
+                        *x = json!(0.0);
+                    }
+                    t.insert("read_ms".into(), json!(read_ms));
+                    t.insert("total_ms".into(), json!(read_ms));
+                }
+                obj.insert("file_ref".into(), json!(file_ref));
+                obj.insert("reused".into(), json!(true));
+                obj.insert("artifacts".into(), json!(store.urls(&sha256)));
+            }
+            return Ok(v);
+        }
+        let read_ms = ms(total);
+        let mut out = self.ingest_bytes(ctx, file_ref, &bytes, opts, read_ms)?;
+        ctx.checkpoint()?;
+        let t = Instant::now();
+        write_artifacts(store, &mut out).map_err(runtime)?;
+        let write_ms = ms(t);
+        out.result.timings.total_ms =
+            ((out.result.timings.total_ms + write_ms) * 100.0).round() / 100.0;
+        serde_json::to_value(out.result).map_err(|e| runtime(e.to_string()))
+    }
+
+    /// Reads `file_ref` (under the storage root), within the size cap.
+    fn read(&self, file_ref: &str, opts: &IngestOptions) -> Result<Vec<u8>, TaskError> {
         let path = self.resolve(file_ref)?;
         let max_bytes = opts.max_bytes.unwrap_or(512 << 20);
         let size = std::fs::metadata(&path)
@@ -324,17 +429,53 @@ impl PdfIngestion {
                 "[too_large] {file_ref} has {size} bytes, more than the limit of {max_bytes}"
             )));
         }
-        let bytes = std::fs::read(&path)
-            .map_err(|e| exc("OSError", format!("[read_failed] {file_ref}: {e}")))?;
-        self.ingest_bytes(ctx, file_ref, &bytes, opts, ms(t))
+        std::fs::read(&path).map_err(|e| exc("OSError", format!("[read_failed] {file_ref}: {e}")))
     }
+}
+
+/// True when `opts` produce the default output (what artifacts hold).
+fn default_output(opts: &IngestOptions) -> bool {
+    let d = ChunkSpec::default();
+    opts.chunk_tokens.unwrap_or(d.size) == d.size
+        && opts.chunk_overlap.unwrap_or(d.overlap) == d.overlap
+        && opts.embed.unwrap_or(true)
+}
+
+/// Writes `pages.jsonl`, `chunks.jsonl`, then `result.json` (last: its
+/// presence marks a complete set) and records their URLs in the result.
+fn write_artifacts(store: &ArtifactStore, out: &mut IngestOutput) -> Result<(), String> {
+    let sha = out.result.sha256.clone();
+    let mut pages = Vec::new();
+    for (i, text) in out.pages.iter().enumerate() {
+        serde_json::to_writer(&mut pages, &json!({"page": i + 1, "text": text}))
+            .map_err(|e| e.to_string())?;
+        pages.push(b'\n');
+    }
+    store.put(&sha, artifacts::PAGES, pages)?;
+    let mut chunks = Vec::new();
+    for (i, c) in out.chunks.iter().enumerate() {
+        let embedding = out.vectors.get(i).map(Vec::as_slice).unwrap_or(&[]);
+        let line = json!({
+            "index": c.index,
+            "page_start": c.page_start,
+            "page_end": c.page_end,
+            "text": c.text,
+            "embedding": embedding,
+        });
+        serde_json::to_writer(&mut chunks, &line).map_err(|e| e.to_string())?;
+        chunks.push(b'\n');
+    }
+    store.put(&sha, artifacts::CHUNKS, chunks)?;
+    out.result.artifacts = Some(store.urls(&sha));
+    let result = serde_json::to_vec(&out.result).map_err(|e| e.to_string())?;
+    store.put(&sha, artifacts::RESULT, result)
 }
 
 impl Task for PdfIngestion {
     const NAME: &'static str = NAME;
     const PARAMS: &'static [&'static str] = &["file_ref", "options"];
     type Args = IngestArgs;
-    type Output = IngestResult;
+    type Output = serde_json::Value;
 
     fn options(&self) -> TaskOptions {
         TaskOptions {
@@ -343,9 +484,9 @@ impl Task for PdfIngestion {
         }
     }
 
-    fn run(&self, ctx: &TaskContext<'_>, args: IngestArgs) -> Result<IngestResult, TaskError> {
+    fn run(&self, ctx: &TaskContext<'_>, args: IngestArgs) -> Result<Self::Output, TaskError> {
         let opts = args.options.unwrap_or_default();
-        self.ingest(ctx, &args.file_ref, &opts).map(|o| o.result)
+        self.ingest_or_reuse(ctx, &args.file_ref, &opts)
     }
 }
 
