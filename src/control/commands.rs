@@ -255,8 +255,9 @@ fn report(ctx: &Ctx) -> String {
     )
 }
 
-fn query_task(ctx: &Ctx, args: &Map<String, Value>) -> Value {
-    let ids: Vec<String> = match args.get("ids") {
+/// Task ids given as one string or a list, as Celery's tools send them.
+fn id_list(args: &Map<String, Value>, key: &str) -> Vec<String> {
+    match args.get(key) {
         Some(Value::Array(a)) => a
             .iter()
             .filter_map(Value::as_str)
@@ -264,7 +265,11 @@ fn query_task(ctx: &Ctx, args: &Map<String, Value>) -> Value {
             .collect(),
         Some(Value::String(s)) => vec![s.clone()],
         _ => Vec::new(),
-    };
+    }
+}
+
+fn query_task(ctx: &Ctx, args: &Map<String, Value>) -> Value {
+    let ids = id_list(args, "ids");
     let node = &ctx.cfg.node_name;
     let mut out = Map::new();
     for id in ids {
@@ -296,15 +301,7 @@ fn hello(ctx: &Ctx, args: &Map<String, Value>) -> Value {
 /// REVOKED is written now for tasks not yet started (as Celery 5.7 does);
 /// with `terminate`, running ones are killed.
 async fn revoke(ctx: &Ctx, args: &Map<String, Value>, terminate: bool) -> Value {
-    let ids: Vec<String> = match args.get("task_id") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
-        Some(Value::String(s)) => vec![s.clone()],
-        _ => Vec::new(),
-    };
+    let ids = id_list(args, "task_id");
     let mut terminated = Vec::new();
     for id in &ids {
         ctx.revoked.add(id);

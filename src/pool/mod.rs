@@ -77,6 +77,26 @@ pub struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Waits for a permit of a pool's slot semaphore (never closed).
+pub(crate) fn acquire_slot(
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Slot> + Send + 'static>> {
+    let slots = slots.clone();
+    Box::pin(async move {
+        let permit = slots
+            .acquire_owned()
+            .await
+            .expect("pool semaphore is never closed");
+        Slot { _permit: permit }
+    })
+}
+
+/// Takes one slot away for good, once it is free (shrinking a pool).
+pub(crate) async fn retire_slot(slots: &tokio::sync::Semaphore) -> Result<(), String> {
+    slots.acquire().await.map_err(|e| e.to_string())?.forget();
+    Ok(())
+}
+
 /// An execution pool. Implementations: [`threads::ThreadPool`] (also used
 /// for `--pool solo` with one thread); the prefork pool slots in here.
 pub trait Pool: Send + Sync + std::fmt::Debug {

@@ -167,8 +167,7 @@ impl Pool for PreforkPool {
                     return Err("cannot shrink the pool below one process".into());
                 }
                 self.size.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                let permit = self.slots.acquire().await.map_err(|e| e.to_string())?;
-                permit.forget();
+                super::retire_slot(&self.slots).await?;
                 let index = self
                     .shared
                     .idle
@@ -184,15 +183,7 @@ impl Pool for PreforkPool {
     }
 
     fn acquire(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Slot> + Send + '_>> {
-        Box::pin(async move {
-            let permit = self
-                .slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("pool semaphore is never closed");
-            Slot { _permit: permit }
-        })
+        super::acquire_slot(&self.slots)
     }
 
     fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome> {

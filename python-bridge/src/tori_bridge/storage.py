@@ -22,6 +22,7 @@ import hashlib
 import os
 import tempfile
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping, Optional, Union
@@ -110,16 +111,18 @@ class PendingUpload:
             self.discard()
 
 
-class Storage:
+class Storage(ABC):
     """Base class: :meth:`begin` a streamed upload or :meth:`save` bytes."""
 
     prefix: str = "uploads"
 
+    @abstractmethod
     def _tmp_dir(self) -> Path:
-        raise NotImplementedError
+        """Where uploads are staged before they are committed."""
 
+    @abstractmethod
     def _commit(self, upload: PendingUpload, suffix: str) -> StoredFile:
-        raise NotImplementedError
+        """Moves a finished upload to its content-addressed key."""
 
     def key_for(self, sha256: str, suffix: str = ".pdf") -> str:
         return f"{self.prefix}/{sha256[:2]}/{sha256}{suffix}"
