@@ -319,6 +319,26 @@ def test_countdown_respected(worker_factory, redis_server, app):
     assert time.time() - t_before < 10, "countdown=2 task ran far too late"
 
 
+def test_far_eta_is_parked_in_redis_then_runs_on_time(worker_factory, redis_server, app,
+                                                      redis_client):
+    """An ETA beyond --eta-horizon leaves memory and `unacked` for the
+    `tori.eta` sorted set (no visibility-timeout duplicate can happen), then
+    runs when due, not before."""
+    worker_factory(redis_server.url(), "--concurrency", "1", "--eta-horizon", "1")
+    t_before = time.time()
+    later = app.send_task("tori.echo", args=["parked"], countdown=4)
+    parked = wait_for(lambda: redis_client.zcard("tori.eta") == 1 or None, 3.5,
+                      message="the far ETA message never reached tori.eta")
+    assert parked
+    assert redis_client.hlen("unacked") == 0, "a parked message must not stay in unacked"
+    member = redis_client.zrange("tori.eta", 0, -1, withscores=True)[0]
+    assert abs(member[1] - (t_before + 4)) < 1.5, member
+    assert later.get(timeout=20) == echo_result("parked")
+    done = as_utc_timestamp(later.date_done)
+    assert done >= t_before + 4.0 - 0.001, f"ran {done - t_before:.3f}s after publish"
+    assert redis_client.zcard("tori.eta") == 0
+
+
 def test_priority_and_two_queues(worker_factory, redis_server, app, redis_client):
     # Publish everything before the worker starts so the order in which it is
     # served depends only on queues/priorities.
