@@ -16,51 +16,6 @@ use serde_json::Value;
 use tasks::ingest::artifacts::ArtifactStore;
 use tasks::ingest::{IngestOptions, PdfIngestion};
 
-/// A minimal PDF with one line of text per page (pdfium rebuilds the
-/// missing cross-reference table).
-fn tiny_pdf(pages: &[&str]) -> Vec<u8> {
-    let n = pages.len();
-    let mut objs: Vec<String> = Vec::new();
-    let kids: Vec<String> = (0..n).map(|i| format!("{} 0 R", 4 + 2 * i)).collect();
-    objs.push("<< /Type /Catalog /Pages 2 0 R >>".into());
-    objs.push(format!(
-        "<< /Type /Pages /Kids [{}] /Count {n} >>",
-        kids.join(" ")
-    ));
-    objs.push("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".into());
-    for (i, text) in pages.iter().enumerate() {
-        let content = format!("BT /F1 12 Tf 72 720 Td ({text}) Tj ET");
-        objs.push(format!(
-            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] \
-             /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
-            5 + 2 * i
-        ));
-        objs.push(format!(
-            "<< /Length {} >>\nstream\n{content}\nendstream",
-            content.len()
-        ));
-    }
-    let mut out = String::from("%PDF-1.4\n");
-    let mut offsets = Vec::new();
-    for (i, o) in objs.iter().enumerate() {
-        offsets.push(out.len());
-        out.push_str(&format!("{} 0 obj\n{o}\nendobj\n", i + 1));
-    }
-    let xref = out.len();
-    out.push_str(&format!(
-        "xref\n0 {}\n0000000000 65535 f \n",
-        objs.len() + 1
-    ));
-    for off in offsets {
-        out.push_str(&format!("{off:010} 00000 n \n"));
-    }
-    out.push_str(&format!(
-        "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-        objs.len() + 1
-    ));
-    out.into_bytes()
-}
-
 fn sample_pdf() -> Vec<u8> {
     let pages: Vec<String> = (0..12)
         .map(|p| {
@@ -72,7 +27,7 @@ fn sample_pdf() -> Vec<u8> {
         })
         .collect();
     let refs: Vec<&str> = pages.iter().map(String::as_str).collect();
-    tiny_pdf(&refs)
+    common::tiny_pdf(&refs)
 }
 
 fn fresh_root(name: &str) -> PathBuf {
