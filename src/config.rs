@@ -92,6 +92,12 @@ pub struct WorkerArgs {
     #[arg(short = 'P', long, value_enum, default_value_t = PoolKind::Prefork)]
     pub pool: PoolKind,
 
+    /// `MAX,MIN` pool processes (Celery's `--autoscale`): start with MIN,
+    /// add processes while messages wait, retire idle ones after 30 s.
+    /// Replaces --concurrency. Changeable at run time by `autoscale`.
+    #[arg(long, value_name = "MAX,MIN")]
+    pub autoscale: Option<String>,
+
     /// Node name; %h = host name, %n = its first label, %d = its domain.
     #[arg(short = 'n', long, default_value = "tori@%h")]
     pub hostname: String,
@@ -207,6 +213,8 @@ pub struct WorkerConfig {
     pub backend_url: String,
     pub queues: Vec<String>,
     pub concurrency: usize,
+    /// `(max, min)` from `--autoscale`; `concurrency` is then `min`.
+    pub autoscale: Option<(usize, usize)>,
     pub pool: PoolKind,
     pub node_name: String,
     pub prefetch_multiplier: usize,
@@ -241,6 +249,8 @@ pub enum ConfigError {
     BadSeconds(&'static str),
     #[error("--queues must name at least one queue")]
     NoQueues,
+    #[error("--autoscale takes MAX,MIN (or MAX) with MAX >= MIN >= 1, got {0:?}")]
+    BadAutoscale(String),
 }
 
 fn positive(value: f64, name: &'static str) -> Result<Duration, ConfigError> {
@@ -249,6 +259,19 @@ fn positive(value: f64, name: &'static str) -> Result<Duration, ConfigError> {
     } else {
         Err(ConfigError::BadSeconds(name))
     }
+}
+
+/// `"MAX,MIN"` or `"MAX"` (MIN 1 then, as in Celery: `--autoscale=10`
+/// means up to 10 from 0; this pool keeps at least one process).
+pub fn parse_autoscale(spec: &str) -> Option<(usize, usize)> {
+    let mut parts = spec.split(',').map(str::trim);
+    let max: usize = parts.next()?.parse().ok()?;
+    let min: usize = match parts.next() {
+        Some(m) => m.parse().ok()?,
+        None => 1,
+    };
+    let min = min.max(1);
+    (parts.next().is_none() && max >= min).then_some((max, min))
 }
 
 /// Expands `%h`, `%n` and `%d` in a node name as Celery does.
@@ -293,15 +316,23 @@ impl WorkerArgs {
                     .unwrap_or(1)
             })
             .max(1);
+        let autoscale = match (&self.autoscale, self.pool) {
+            (None, _) => None,
+            (Some(_), PoolKind::Solo) => None,
+            (Some(spec), _) => {
+                Some(parse_autoscale(spec).ok_or_else(|| ConfigError::BadAutoscale(spec.clone()))?)
+            }
+        };
         Ok(WorkerConfig {
             broker_url,
             backend_url,
             queues,
-            concurrency: if self.pool == PoolKind::Solo {
-                1
-            } else {
-                concurrency
+            concurrency: match (self.pool, autoscale) {
+                (PoolKind::Solo, _) => 1,
+                (_, Some((_, min))) => min,
+                _ => concurrency,
             },
+            autoscale,
             pool: self.pool,
             node_name: expand_node_name(&self.hostname, &host),
             prefetch_multiplier: self.prefetch_multiplier.max(1),

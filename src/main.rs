@@ -8,8 +8,9 @@ use tori_worker::worker::{Stop, Worker};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},redis=warn,rustls=warn")));
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!("{level},redis=warn,rustls=warn,pdf_oxide=error"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -67,8 +67,7 @@ pub(super) async fn dispatch(ctx: &Ctx, req: &Request) -> Option<Value> {
         }
         "pool_grow" => {
             let n = args.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
-            ctx.pool.grow(n);
-            ctx.prefetch.add_permits(n * ctx.cfg.prefetch_multiplier);
+            ctx.grow_pool(n);
             tracing::info!(n, size = ctx.pool.size(), "pool grown by remote control");
             json!({"ok": "pool will grow"})
         }
@@ -77,24 +76,34 @@ pub(super) async fn dispatch(ctx: &Ctx, req: &Request) -> Option<Value> {
             if ctx.pool.size() <= n {
                 json!({"error": "Can't shrink the pool below one process"})
             } else {
-                let pool = ctx.pool.clone();
-                let prefetch = ctx.prefetch.clone();
-                let fewer = n * ctx.cfg.prefetch_multiplier;
                 // Slots are taken back as tasks finish; reply at once, as
                 // Celery does.
-                tokio::spawn(async move {
-                    if let Err(e) = pool.shrink(n).await {
-                        tracing::warn!(error = %e, "pool shrink stopped");
-                    }
-                    if let Ok(permits) = prefetch.acquire_many(fewer as u32).await {
-                        permits.forget();
-                    }
-                    tracing::info!(size = pool.size(), "pool shrunk by remote control");
-                });
+                tracing::info!(n, "pool shrink requested by remote control");
+                tokio::spawn(ctx.shrink_pool(n));
                 json!({"ok": "pool will shrink"})
             }
         }
-        "autoscale" | "pool_restart" => json!({
+        "autoscale" => match &ctx.autoscaler {
+            None => json!({"error": "ValueError('Autoscale not enabled')"}),
+            Some(a) => {
+                let arg = |k: &str| {
+                    args.get(k).and_then(|v| {
+                        v.as_u64()
+                            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                    })
+                };
+                let max = arg("max").map(|n| n as usize);
+                let min = arg("min").map(|n| n as usize);
+                match a.update(max, min) {
+                    Ok((max, min)) => {
+                        tracing::info!(max, min, "autoscale bounds changed by remote control");
+                        json!({"ok": format!("autoscale now max={max} min={min}")})
+                    }
+                    Err(e) => json!({"error": e}),
+                }
+            }
+        },
+        "pool_restart" => json!({
             "error": format!("{} is not supported by tori-worker yet: restart the worker with another --concurrency", req.method)
         }),
         other => json!({"error": format!("KeyError('{other}')")}),
@@ -526,6 +535,7 @@ fn stats(ctx: &Ctx) -> Value {
             "timeouts": [c.default_soft_time_limit.unwrap_or(0.0), c.default_time_limit.unwrap_or(0.0)],
             "writes": {"total": ctx.processed.load(Ordering::Relaxed)},
         },
+        "autoscaler": ctx.autoscaler.as_ref().map(|a| a.info(ctx)).unwrap_or_else(|| json!({})),
         "broker": {
             "hostname": hostname,
             "userid": info.redis_settings().username(),

@@ -14,6 +14,7 @@
 //! messages too. Nothing acked early is ever re-run; nothing unacked is
 //! ever dropped.
 
+pub(crate) mod autoscale;
 mod inflight;
 mod message;
 mod outcome;
@@ -78,6 +79,8 @@ pub struct Ctx {
     pub started_at: Instant,
     /// Lets the `shutdown` control command stop the worker.
     pub stop_tx: watch::Sender<Stop>,
+    /// Present with `--autoscale`.
+    pub autoscaler: Option<autoscale::Autoscaler>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -89,6 +92,30 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
+    /// Adds `n` pool processes and the prefetch room for them.
+    pub fn grow_pool(&self, n: usize) {
+        self.pool.grow(n);
+        self.prefetch.add_permits(n * self.cfg.prefetch_multiplier);
+    }
+
+    /// Retires `n` pool processes as they become idle, and their prefetch
+    /// room; the future completes when they are gone. The caller checks
+    /// that at least one process stays.
+    pub fn shrink_pool(&self, n: usize) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let pool = self.pool.clone();
+        let prefetch = self.prefetch.clone();
+        let fewer = n * self.cfg.prefetch_multiplier;
+        async move {
+            if let Err(e) = pool.shrink(n).await {
+                tracing::warn!(error = %e, "pool shrink stopped");
+            }
+            if let Ok(permits) = prefetch.acquire_many(fewer as u32).await {
+                permits.forget();
+            }
+            tracing::info!(size = pool.size(), "pool shrunk");
+        }
+    }
+
     pub fn count_finished(&self, task: &str) {
         *self
             .totals
@@ -213,6 +240,9 @@ impl Worker {
                 queues: RwLock::new(cfg.queues.clone()),
                 started_at: Instant::now(),
                 stop_tx: stop_tx.clone(),
+                autoscaler: cfg
+                    .autoscale
+                    .map(|(max, min)| autoscale::Autoscaler::new(max, min)),
                 cfg,
             }),
             stop_tx,
@@ -271,6 +301,7 @@ impl Worker {
         }
         background.spawn(sweeper(ctx.clone()));
         background.spawn(eta_releaser(ctx.clone()));
+        background.spawn(autoscale::run(ctx.clone()));
         background.close();
 
         let handlers = TaskTracker::new();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tasks::ingest::artifacts::ArtifactStore;
-use tasks::ingest::{IngestOptions, PdfIngestion};
+use tasks::ingest::{IngestOptions, PdfIngestion, Sources};
 
 fn sample_pdf() -> Vec<u8> {
     let pages: Vec<String> = (0..12)
@@ -182,12 +182,20 @@ fn free_port() -> u16 {
 
 /// One plain HTTP/1.1 request; returns the status line and body.
 fn http(port: u16, method: &str, path: &str) -> std::io::Result<String> {
+    http_body(port, method, path, b"")
+}
+
+/// Like [`http`], sending `body` (moto does not check signatures, so a
+/// bare PUT uploads an object the way a producer's S3 client would).
+fn http_body(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     )?;
+    s.write_all(body)?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
@@ -260,5 +268,62 @@ fn same_pdf_twice_reuses_s3_artifacts_on_moto() {
     check_lines(&body("pages.jsonl"), &body("chunks.jsonl"), &first);
     let stored: Value = serde_json::from_str(&body("result.json")).unwrap();
     assert_eq!(stored["sha256"], first["sha256"]);
+
+    // Input from S3 too: a producer uploaded the PDF under the storage
+    // URL; the task reads it from there (and finds the artifacts above,
+    // since the bytes are the same).
+    let put = http_body(
+        port,
+        "PUT",
+        "/tori-artifacts/uploads/in/doc.pdf",
+        &sample_pdf(),
+    )
+    .unwrap();
+    assert!(put.starts_with("HTTP/1.1 200"), "upload: {put}");
+    let sources = Sources::local(&root).with_remote("s3://tori-artifacts/uploads");
+    let from_s3 = PdfIngestion::with(sources.clone(), common::native_or_skip("s3 input").unwrap())
+        .unwrap()
+        .with_artifacts(ArtifactStore::from_url("s3://tori-artifacts/ingest/v1").unwrap());
+    let opts = IngestOptions::default();
+    let got = common::with_ctx(|ctx| {
+        from_s3.ingest_or_reuse(ctx, "s3://tori-artifacts/uploads/in/doc.pdf", &opts)
+    })
+    .unwrap();
+    assert_eq!(got["sha256"], first["sha256"]);
+    assert_eq!(got["reused"], true);
+    assert_eq!(got["file_ref"], "s3://tori-artifacts/uploads/in/doc.pdf");
+    // Without artifacts the bytes from S3 are really ingested.
+    let plain = PdfIngestion::with(sources, common::native_or_skip("s3 input").unwrap()).unwrap();
+    let fresh = common::with_ctx(|ctx| {
+        plain.ingest_or_reuse(ctx, "s3://tori-artifacts/uploads/in/doc.pdf", &opts)
+    })
+    .unwrap();
+    assert_eq!(fresh["reused"], false);
+    assert_eq!(fresh["pages"], first["pages"]);
+    assert_eq!(fresh["chunks"], first["chunks"]);
+    let fail = |file_ref: &str, o: &IngestOptions| match common::with_ctx(|ctx| {
+        plain.ingest_or_reuse(ctx, file_ref, o)
+    }) {
+        Err(tasks::TaskError::Failed { exception, .. }) => {
+            format!("{} {}", exception.name, exception.args[0])
+        }
+        other => panic!("{file_ref}: expected a failure, got {other:?}"),
+    };
+    let missing = fail("s3://tori-artifacts/uploads/in/missing.pdf", &opts);
+    assert!(
+        missing.starts_with("FileNotFoundError \"[not_found]"),
+        "{missing}"
+    );
+    let outside = fail("s3://tori-artifacts/ingest/v1/x.pdf", &opts);
+    assert!(
+        outside.starts_with("PermissionError \"[outside_storage_root]"),
+        "{outside}"
+    );
+    let small = IngestOptions {
+        max_bytes: Some(100),
+        ..IngestOptions::default()
+    };
+    let big = fail("s3://tori-artifacts/uploads/in/doc.pdf", &small);
+    assert!(big.starts_with("ValueError \"[too_large]"), "{big}");
     let _ = std::fs::remove_dir_all(&root);
 }

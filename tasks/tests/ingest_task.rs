@@ -194,6 +194,15 @@ fn refuses_anything_outside_the_storage_root() {
         json!(["s3://bucket/key.pdf"]),
         json!({}),
     ));
+    assert_eq!(name, "PermissionError", "no TORI_STORAGE_URL: {msg}");
+    assert!(msg.starts_with("[outside_storage_root]"), "{msg}");
+    let (name, msg) = failure(call(
+        &t,
+        &c,
+        none,
+        json!(["https://example.com/key.pdf"]),
+        json!({}),
+    ));
     assert_eq!(name, "ValueError");
     assert!(msg.starts_with("[unsupported_scheme]"), "{msg}");
     let (name, msg) = failure(call(&t, &c, none, json!(["docs/missing.pdf"]), json!({})));
@@ -269,4 +278,60 @@ fn password_protected_corpus_file_is_a_specific_failure() {
     ));
     assert_eq!(name, "PermissionError");
     assert!(msg.starts_with("[password_protected]"), "{msg}");
+}
+
+/// A valid one-page PDF plus one stream of deflated spaces that inflates
+/// to `inflated` bytes: a decompression bomb the guard must refuse before
+/// any backend decodes it.
+fn bomb_pdf(inflated: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&vec![b' '; inflated]).unwrap();
+    let bomb = z.finish().unwrap();
+    let mut pdf = common::tiny_pdf(&["A page whose sibling object is a decompression bomb"]);
+    let mut obj = format!(
+        "99 0 obj\n<< /Length {} /Filter /FlateDecode >>\nstream\n",
+        bomb.len()
+    )
+    .into_bytes();
+    obj.extend_from_slice(&bomb);
+    obj.extend_from_slice(b"\nendstream\nendobj\n");
+    // Before the trailer, so the file still parses.
+    let at = pdf.len() - 6; // "%%EOF\n"
+    pdf.splice(at..at, obj);
+    pdf
+}
+
+#[test]
+fn a_decompression_bomb_is_refused_with_its_size() {
+    let Some(files) = common::native_or_skip("decompression guard test") else {
+        return;
+    };
+    let (root, _) = storage();
+    std::fs::write(root.join("bomb.pdf"), bomb_pdf(24 << 20)).unwrap();
+    let t = task(&root, files);
+    let c = CancelFlag::new();
+    let none = &tasks::NoProgress;
+    let started = std::time::Instant::now();
+    let (name, msg) = failure(call(
+        &t,
+        &c,
+        none,
+        json!(["bomb.pdf", {"max_stream_bytes": 8 << 20}]),
+        json!({}),
+    ));
+    assert_eq!(name, "ValueError", "{msg}");
+    assert!(msg.starts_with("[decompression_bomb]"), "{msg}");
+    assert!(msg.contains("8388608"), "names the cap: {msg}");
+    eprintln!("bomb refused in {:?}: {msg}", started.elapsed());
+    // Under the default cap (256 MiB) the same file is ingested.
+    let ok = call(
+        &t,
+        &c,
+        none,
+        json!(["bomb.pdf", {"embed": false}]),
+        json!({}),
+    )
+    .unwrap();
+    assert_eq!(ok["pages"], 1, "{ok}");
 }

@@ -850,3 +850,117 @@ def test_jobs_table_on_postgresql(attach_logs, tmp_path):
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+# --------------------------------------------------------------------------
+# S3 end to end: the shim stores uploads in an S3-compatible store (moto's
+# standalone server), the worker reads them from there and writes its
+# artifacts next to them
+# --------------------------------------------------------------------------
+
+MOTO_BIN = REPO / ".tori" / "native-venv" / "bin" / "moto_server"
+
+
+@pytest.fixture
+def moto(tmp_path):
+    if not MOTO_BIN.is_file():
+        pytest.fail(f"{MOTO_BIN} missing: run scripts/setup-native", pytrace=False)
+    port = free_port()
+    proc = WorkerProcess([str(MOTO_BIN), "-H", "127.0.0.1", "-p", str(port)],
+                         tmp_path / "moto.log", "moto", env=clean_env())
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(endpoint, timeout=2).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, timeout=60, interval=0.2, message=lambda: f"moto not up: {proc.describe()}")
+        assert httpx.put(f"{endpoint}/tori-e2e").status_code == 200
+        yield endpoint
+    finally:
+        proc.terminate(timeout=10)
+
+
+def test_s3_storage_end_to_end(tmp_path, moto):
+    """POST /jobs with TORI_STORAGE_URL=s3://… on both sides: the upload lands
+    in the bucket, the worker ingests it from there (no shared directory),
+    writes its artifacts under the same URL, and refuses S3 references
+    outside it."""
+    aws = {"AWS_ENDPOINT_URL": moto, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "TORI_STORAGE_URL": "s3://tori-e2e/uploads"}
+    redis_srv = RedisServer(tmp_path)
+    redis_srv.start()
+    url = redis_srv.url()
+    worker = shim = None
+    try:
+        env = clean_env(aws)
+        env.pop("TORI_STORAGE_ROOT", None)
+        worker = WorkerProcess(
+            [tori_bin(), "--broker", url, "--concurrency", "1", "--hostname", "tori-s3@tests",
+             "--loglevel", "info"], tmp_path / "tori-worker.log", "tori-worker",
+            queues=["celery"], env=env)
+        probe = make_client_app(url, name="s3_ready_probe")
+        wait_worker_ready(worker, probe, timeout=60)
+        shim, base = start_shim(tmp_path, "tori-shim", {
+            **aws, "CELERY_BROKER_URL": url,
+            "TORI_SHIM_DATABASE_URL": f"sqlite:///{tmp_path / 'shim.db'}",
+            "PYTHONUNBUFFERED": "1"})
+        chosen, _, _ = pick_pdfs()
+        path = pdf_path(chosen[0])
+        with open(path, "rb") as f:
+            r = httpx.post(base + "/jobs", files={"file": (path.name, f, "application/pdf")},
+                           timeout=30)
+        assert r.status_code == 202, r.text
+        job = r.json()["job_id"]
+        final: dict[str, Any] = {}
+
+        def done() -> bool:
+            final.update(httpx.get(f"{base}/jobs/{job}", timeout=10).json())
+            return final["task_status"] in TERMINAL
+
+        wait_for(done, timeout=120, interval=0.3, message=lambda: f"job not done: {final}")
+        assert final["task_status"] == "SUCCESS", final
+        result = IngestResult.model_validate(final["task_result"])
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert result.sha256 == sha
+        assert result.file_ref.startswith("s3://tori-e2e/uploads/"), result.file_ref
+        assert result.artifacts is not None
+        assert result.artifacts.result == f"s3://tori-e2e/uploads/artifacts/{sha}/result.json"
+        # The objects are really in the bucket (read back with a third client).
+        import obstore
+        import obstore.store
+        bucket = obstore.store.from_url("s3://tori-e2e", endpoint=moto, region="us-east-1",
+                                        access_key_id="testing", secret_access_key="testing",
+                                        client_options={"allow_http": True})
+
+        def get(key: str) -> bytes:
+            return bytes(obstore.get(bucket, key).bytes())
+
+        assert get(result.file_ref[len("s3://tori-e2e/"):]) == path.read_bytes()
+        stored = json.loads(get(f"uploads/artifacts/{sha}/result.json"))
+        assert stored["sha256"] == sha and stored["chunks"] == result.chunks
+        chunks = get(f"uploads/artifacts/{sha}/chunks.jsonl").decode()
+        assert len(chunks.splitlines()) == result.chunks
+
+        # A producer naming an object outside the storage URL gets a clear
+        # FAILURE, as does a missing object inside it.
+        app = make_client_app(url, name="s3_refusals")
+        outside = app.send_task("pdf_ingestion", args=["s3://tori-e2e/private/x.pdf"])
+        missing = app.send_task("pdf_ingestion", args=["s3://tori-e2e/uploads/nope.pdf"])
+        for res, exc_type, code in ((outside, "PermissionError", "[outside_storage_root]"),
+                                    (missing, "FileNotFoundError", "[not_found]")):
+            with pytest.raises(Exception) as info:
+                res.get(timeout=60)
+            assert type(info.value).__name__ == exc_type, repr(info.value)
+            assert str(info.value).startswith(code), str(info.value)
+        app.close()
+        probe.close()
+    finally:
+        for p in (shim, worker):
+            if p is not None:
+                p.terminate(timeout=15)
+        redis_srv.close()

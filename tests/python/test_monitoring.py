@@ -619,3 +619,45 @@ def test_metrics_and_healthz(redis_server, worker_factory, app):
     assert (status, body.strip()) == (200, "ok")
     status, _ = http_get(f"http://127.0.0.1:{port}/nope")
     assert status == 404
+
+
+# --------------------------------------------------------------------------
+# autoscale
+# --------------------------------------------------------------------------
+
+def test_autoscale_follows_the_backlog_and_the_control_command(redis_server, worker_factory, app):
+    """--autoscale 3,1 starts one process, grows to 3 under a backlog (the
+    three sleeps then overlap), shrinks back after AUTOSCALE_KEEPALIVE; the
+    `autoscale` control command changes the bounds; a worker without
+    --autoscale answers Celery's error."""
+    node = "autoscale@tests"
+    worker_factory(redis_server.url(), "--autoscale", "3,1", hostname=node,
+                   env={"AUTOSCALE_KEEPALIVE": "2"})
+    inspector = app.control.inspect(destination=[node], timeout=1)
+
+    def procs() -> int:
+        return len(inspector.stats()[node]["pool"]["processes"])
+
+    st = inspector.stats()[node]
+    assert st["autoscaler"] == {"max": 3, "min": 1, "current": 1, "qty": 0}, st["autoscaler"]
+    t = time.monotonic()
+    results = [app.send_task("tori.sleep", args=[2]) for _ in range(4)]
+    wait_for(lambda: procs() == 3, timeout=10, message="autoscaler did not grow to 3")
+    assert [r.get(timeout=30) for r in results] == [2, 2, 2, 2]
+    elapsed = time.monotonic() - t
+    assert elapsed < 7.5, f"4 x 2 s on 1 process would take 8 s; took {elapsed:.1f}"
+    wait_for(lambda: procs() == 1, timeout=20, message="autoscaler did not shrink back to 1")
+
+    reply = app.control.autoscale(2, 1, destination=[node], reply=True, timeout=1)
+    assert reply == [{node: {"ok": "autoscale now max=2 min=1"}}]
+    assert inspector.stats()[node]["autoscaler"]["max"] == 2
+    results = [app.send_task("tori.sleep", args=[2]) for _ in range(4)]
+    wait_for(lambda: procs() == 2, timeout=10, message="autoscaler did not grow to the new max")
+    time.sleep(1.5)
+    assert procs() == 2, "never above the new max"
+    assert [r.get(timeout=30) for r in results] == [2, 2, 2, 2]
+
+    other = "fixed@tests"
+    worker_factory(redis_server.url(), "--concurrency", "1", hostname=other)
+    reply = app.control.autoscale(4, 2, destination=[other], reply=True, timeout=1)
+    assert reply == [{other: {"error": "ValueError('Autoscale not enabled')"}}]

@@ -37,9 +37,10 @@ def _refuse(name: str) -> Any:
 # -- the stub bodies (their signatures are the contract) ----------------------
 
 def _pdf_ingestion(file_ref: str, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Ingest the PDF at ``file_ref`` (a path under the worker's storage root, or a
-    ``file://`` URL). ``options``: chunk_tokens, chunk_overlap, max_pages,
-    max_bytes, embed. Returns an :class:`tori_bridge.models.IngestResult` dict."""
+    """Ingest the PDF at ``file_ref``: a path under the worker's storage root
+    (``TORI_STORAGE_ROOT``), a ``file://`` URL in it, or an ``s3://`` URL under the
+    worker's ``TORI_STORAGE_URL``. ``options``: chunk_tokens, chunk_overlap,
+    max_pages, max_bytes, max_stream_bytes, embed. Returns an :class:`tori_bridge.models.IngestResult` dict."""
     return _refuse("pdf_ingestion")  # type: ignore[no-any-return]
 
 

@@ -7,19 +7,17 @@
 //! endpoint, region and credentials from the standard `AWS_*` variables,
 //! e.g. `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP=true`), else the directory
 //! `artifacts/` under the storage root.
-//!
-//! `object_store` is async; tasks run in synchronous pool processes, so
-//! calls are driven by one small current-thread tokio runtime per process,
-//! created on first use.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Serialize;
+
+use super::objects::{block_on, join_url, StoreUrl};
+use super::source::Sources;
 
 pub const ENV_URL: &str = "TORI_ARTIFACTS_URL";
 pub const PAGES: &str = "pages.jsonl";
@@ -43,72 +41,40 @@ pub struct ArtifactStore {
     base_url: String,
 }
 
-fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
-    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the artifact runtime: {e}"))
-    })
-    .as_ref()
-    .map_err(Clone::clone)
-}
-
-fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
-    Ok(runtime()?.block_on(f))
-}
-
 impl ArtifactStore {
-    /// From `TORI_ARTIFACTS_URL`, else `<storage_root>/artifacts/`.
-    pub fn from_env(storage_root: Option<&Path>) -> Result<Self, String> {
+    /// From `TORI_ARTIFACTS_URL`, else `artifacts/` under the storage
+    /// root (see [`Sources::default_artifacts`]).
+    pub fn from_env(sources: &Sources) -> Result<Self, String> {
         match std::env::var(ENV_URL).ok().filter(|v| !v.is_empty()) {
             Some(url) => Self::from_url(&url),
-            None => match storage_root {
-                Some(root) => Self::local(&root.join("artifacts")),
-                None => Err(format!(
-                    "[artifacts_unconfigured] neither {ENV_URL} nor TORI_STORAGE_ROOT is set"
-                )),
-            },
+            None => sources.default_artifacts(),
         }
     }
 
     /// `file:///dir` or `s3://bucket/prefix` (S3 settings from `AWS_*`).
     pub fn from_url(url: &str) -> Result<Self, String> {
-        let bad = |e: &dyn std::fmt::Display| format!("[artifacts_config] {ENV_URL}={url}: {e}");
-        let parsed = url::Url::parse(url).map_err(|e| bad(&e))?;
-        match parsed.scheme() {
-            "file" => {
-                let dir = parsed
-                    .to_file_path()
-                    .map_err(|()| bad(&"not a local path"))?;
-                Self::local(&dir)
-            }
-            "s3" | "s3a" => {
-                let bucket = parsed.host_str().unwrap_or_default();
-                if bucket.is_empty() {
-                    return Err(bad(&"no bucket"));
-                }
-                let store = AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()
-                    .map_err(|e| bad(&e))?;
-                let prefix =
-                    ObjectPath::parse(parsed.path().trim_matches('/')).map_err(|e| bad(&e))?;
-                let base_url = if prefix.as_ref().is_empty() {
-                    format!("s3://{bucket}")
-                } else {
-                    format!("s3://{bucket}/{prefix}")
-                };
-                Ok(Self {
-                    store: Arc::new(store),
-                    prefix,
-                    base_url,
-                })
-            }
-            other => Err(bad(&format!(
-                "unsupported scheme {other}:// (use file:// or s3://)"
-            ))),
+        match StoreUrl::parse(url)
+            .map_err(|e| format!("[artifacts_config] {ENV_URL}={url}: {e}"))?
+        {
+            StoreUrl::Local(dir) => Self::local(&dir),
+            StoreUrl::Remote {
+                store,
+                bucket_url,
+                prefix,
+            } => Ok(Self {
+                store,
+                base_url: join_url(&bucket_url, &prefix),
+                prefix,
+            }),
+        }
+    }
+
+    /// Under `prefix` of an already built `store` reachable at `bucket_url`.
+    pub fn in_store(store: Arc<dyn ObjectStore>, prefix: ObjectPath, bucket_url: &str) -> Self {
+        Self {
+            store,
+            base_url: join_url(bucket_url, &prefix),
+            prefix,
         }
     }
 

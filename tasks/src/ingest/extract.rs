@@ -19,6 +19,8 @@ pub struct PageText {
 /// What an extractor returns for a document it could open.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Extracted {
+    /// The backend that produced the text (a fallback may stand in).
+    pub backend: &'static str,
     /// Pages in order; `pages.len()` is the document's page count.
     pub pages: Vec<PageText>,
     pub title: Option<String>,
@@ -201,33 +203,171 @@ impl Extractor for PdfiumExtractor {
                 .filter(|v| !v.is_empty())
         };
         let mut out = Extracted {
+            backend: self.name(),
             pages: Vec::with_capacity(total),
             title: tag(PdfDocumentMetadataTagType::Title),
             author: tag(PdfDocumentMetadataTagType::Author),
             warnings: Vec::new(),
         };
-        for index in 0..total {
-            let number = index + 1;
-            let text = match pages.get(index as PdfPageIndex) {
-                Ok(page) => match page.text() {
-                    Ok(t) => t.all(),
-                    Err(e) => {
-                        out.warnings
-                            .push(format!("page {number}: no text layer ({e:?})"));
-                        String::new()
-                    }
-                },
-                Err(e) => {
-                    out.warnings
-                        .push(format!("page {number}: could not be loaded ({e:?})"));
-                    String::new()
-                }
-            };
-            out.pages.push(PageText { number, text });
-            if !on_page(number, total) {
-                return Err(ExtractError::Cancelled);
+        collect_pages(&mut out, total, on_page, |index| {
+            match pages.get(index as PdfPageIndex) {
+                Ok(page) => page
+                    .text()
+                    .map(|t| t.all())
+                    .map_err(|e| PageProblem::Skip(format!("no text layer ({e:?})"))),
+                Err(e) => Err(PageProblem::Skip(format!("could not be loaded ({e:?})"))),
             }
-        }
+        })?;
         Ok(out)
+    }
+}
+
+/// Why one page yielded no text.
+enum PageProblem {
+    /// The page is kept, empty, with a warning (the rest may be fine).
+    Skip(String),
+    /// The document cannot be read at all.
+    Stop(ExtractError),
+}
+
+/// Fills `out.pages` with `text_of(index)` for every page, in order,
+/// reporting progress after each and stopping when asked.
+fn collect_pages(
+    out: &mut Extracted,
+    total: usize,
+    on_page: &mut dyn FnMut(usize, usize) -> bool,
+    mut text_of: impl FnMut(usize) -> Result<String, PageProblem>,
+) -> Result<(), ExtractError> {
+    for index in 0..total {
+        let number = index + 1;
+        let text = match text_of(index) {
+            Ok(t) => t,
+            Err(PageProblem::Stop(e)) => return Err(e),
+            Err(PageProblem::Skip(why)) => {
+                out.warnings.push(format!("page {number}: {why}"));
+                String::new()
+            }
+        };
+        out.pages.push(PageText { number, text });
+        if !on_page(number, total) {
+            return Err(ExtractError::Cancelled);
+        }
+    }
+    Ok(())
+}
+
+/// The pure-Rust pdf_oxide backend. Used as the fallback (see
+/// [`WithFallback`]): on the dev set it opened files pdfium
+/// refuses (R5/R6 encryption with an empty user password, some damaged
+/// files) at the same text quality, but is 3x slower than pdfium.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OxideExtractor;
+
+fn map_oxide_error(e: pdf_oxide::Error) -> ExtractError {
+    use pdf_oxide::Error as E;
+    match e {
+        E::EncryptedPdf => ExtractError::PasswordRequired,
+        E::Unsupported(m) | E::UnsupportedFilter(m) => {
+            ExtractError::Malformed(format!("pdf_oxide: unsupported: {m}"))
+        }
+        other => ExtractError::Malformed(format!("pdf_oxide: {other}")),
+    }
+}
+
+impl Extractor for OxideExtractor {
+    fn name(&self) -> &'static str {
+        "pdf_oxide"
+    }
+
+    fn extract(
+        &self,
+        bytes: &[u8],
+        limits: &ExtractLimits,
+        on_page: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Extracted, ExtractError> {
+        let doc = pdf_oxide::PdfDocument::from_bytes(bytes.to_vec()).map_err(map_oxide_error)?;
+        // `from_bytes` tries the empty user password itself; a document
+        // that still needs one is refused by the first page read.
+        let total = doc.page_count().map_err(map_oxide_error)?;
+        if total > limits.max_pages {
+            return Err(ExtractError::TooManyPages {
+                pages: total,
+                max: limits.max_pages,
+            });
+        }
+        let mut out = Extracted {
+            backend: self.name(),
+            pages: Vec::with_capacity(total),
+            ..Extracted::default()
+        };
+        collect_pages(&mut out, total, on_page, |index| {
+            doc.extract_text(index).map_err(|e| match e {
+                pdf_oxide::Error::EncryptedPdf => PageProblem::Stop(ExtractError::PasswordRequired),
+                e => PageProblem::Skip(format!("could not be read ({e})")),
+            })
+        })?;
+        Ok(out)
+    }
+}
+
+/// A primary backend with a fallback tried only when the primary could
+/// not open the document (never for limits, cancellation or an
+/// unavailable library). The primary's error is the one reported when
+/// both fail: it is the backend the deployment chose.
+#[derive(Debug, Clone)]
+pub struct WithFallback<P, F> {
+    pub primary: P,
+    pub fallback: F,
+}
+
+impl<P: Extractor, F: Extractor> WithFallback<P, F> {
+    fn worth_falling_back(e: &ExtractError) -> bool {
+        matches!(
+            e,
+            ExtractError::PasswordRequired
+                | ExtractError::UnsupportedSecurity(_)
+                | ExtractError::Malformed(_)
+                | ExtractError::Backend(_)
+        )
+    }
+}
+
+impl<P: Extractor, F: Extractor> Extractor for WithFallback<P, F> {
+    fn name(&self) -> &'static str {
+        self.primary.name()
+    }
+
+    fn extract(
+        &self,
+        bytes: &[u8],
+        limits: &ExtractLimits,
+        on_page: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Extracted, ExtractError> {
+        let first = match self.primary.extract(bytes, limits, on_page) {
+            Err(e) if Self::worth_falling_back(&e) => e,
+            done => return done,
+        };
+        // A panic in the fallback must not turn a clear primary error into
+        // a crash report: it counts as "the fallback failed too".
+        let second = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.fallback.extract(bytes, limits, on_page)
+        }));
+        match second {
+            Ok(Ok(mut out)) if out.pages.iter().any(|p| !p.text.trim().is_empty()) => {
+                out.warnings.insert(
+                    0,
+                    format!(
+                        "{} could not open the document ({first}); text extracted with {}",
+                        self.primary.name(),
+                        self.fallback.name()
+                    ),
+                );
+                Ok(out)
+            }
+            Ok(Err(e @ (ExtractError::Cancelled | ExtractError::TooManyPages { .. }))) => Err(e),
+            // An empty "success" from the fallback would hide the
+            // primary's specific reason.
+            _ => Err(first),
+        }
     }
 }

@@ -19,12 +19,18 @@ pub mod chunk;
 pub mod clean;
 pub mod embed;
 pub mod extract;
+pub mod inflate_guard;
 pub mod native;
+pub mod objects;
+pub mod source;
 pub mod summarize;
 pub mod task;
 
-pub use extract::{ExtractError, Extracted, Extractor, PageText, PdfiumExtractor};
+pub use extract::{
+    ExtractError, Extracted, Extractor, OxideExtractor, PageText, PdfiumExtractor, WithFallback,
+};
 pub use native::{ingestion_status, load_counts, LoadCounts, NativeFiles};
+pub use source::Sources;
 pub use task::{IngestOptions, IngestResult, PdfIngestion};
 
 use crate::registry::Registry;

@@ -47,6 +47,12 @@ impl NativeFiles {
         self.model_dir.join("model.onnx")
     }
 
+    /// The pre-optimized model whose weights processes share (optional:
+    /// without it `model.onnx` is loaded privately).
+    pub fn model_opt_onnx(&self) -> PathBuf {
+        self.model_dir.join("model.opt.onnx")
+    }
+
     pub fn tokenizer_json(&self) -> PathBuf {
         self.model_dir.join("tokenizer.json")
     }

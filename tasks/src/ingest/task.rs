@@ -1,6 +1,6 @@
 //! The `pdf_ingestion` task (alias `ingest_pdf_clean_task`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -11,12 +11,19 @@ use super::artifacts::{self, ArtifactStore, ArtifactUrls};
 use super::chunk::{chunk_pages, ChunkSpec};
 use super::clean::{clean_pages, visible_chars, MIN_TEXT_CHARS};
 use super::embed::{self, EmbedStats, Embedder};
-use super::extract::{ExtractError, ExtractLimits, Extractor, PdfiumExtractor};
+use super::extract::{
+    ExtractError, ExtractLimits, Extractor, OxideExtractor, PdfiumExtractor, WithFallback,
+};
+use super::inflate_guard::{self, InflateLimits};
 use super::native::NativeFiles;
+use super::source::{Resolved, Sources};
 use crate::task::{PyException, Task, TaskContext, TaskError, TaskOptions};
 
 pub const NAME: &str = "pdf_ingestion";
 pub const ALIAS: &str = "ingest_pdf_clean_task";
+
+/// The default size cap (`options.max_bytes`).
+pub const DEFAULT_MAX_BYTES: u64 = 512 << 20;
 
 /// Per-call options (all optional; unknown keys are a `TypeError`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -30,6 +37,9 @@ pub struct IngestOptions {
     pub max_pages: Option<usize>,
     /// Refuse files larger than this many bytes (default 512 MiB).
     pub max_bytes: Option<u64>,
+    /// Refuse documents with a compressed stream inflating past this
+    /// many bytes (default 256 MiB; the decompression-bomb guard).
+    pub max_stream_bytes: Option<u64>,
     /// Compute embeddings (default true).
     pub embed: Option<bool>,
 }
@@ -111,29 +121,23 @@ pub struct IngestOutput {
 /// `pdf_ingestion(file_ref, options=None)`.
 #[derive(Debug, Clone)]
 pub struct PdfIngestion {
-    storage_root: Result<PathBuf, String>,
+    sources: Sources,
     files: NativeFiles,
-    extractor: PdfiumExtractor,
+    extractor: WithFallback<PdfiumExtractor, OxideExtractor>,
     /// `None`: no artifacts (and no reuse); `Some(Err)`: misconfigured,
     /// every run fails with the reason.
     artifacts: Option<Result<ArtifactStore, String>>,
 }
 
 impl PdfIngestion {
-    /// Storage root from `TORI_STORAGE_ROOT`, native files from the
-    /// environment (see [`NativeFiles::from_env`]). Errs when the native
-    /// files are missing.
+    /// Roots from `TORI_STORAGE_ROOT` / `TORI_STORAGE_URL` (see
+    /// [`Sources::from_env`]), artifacts from `TORI_ARTIFACTS_URL`, native
+    /// files from the environment (see [`NativeFiles::from_env`]). Errs
+    /// when the native files are missing.
     pub fn from_env() -> Result<Self, String> {
-        let root = match std::env::var_os("TORI_STORAGE_ROOT").filter(|v| !v.is_empty()) {
-            Some(r) => canonical_root(Path::new(&r)),
-            None => Err(
-                "[no_storage_root] TORI_STORAGE_ROOT is not set: the worker reads \
-                         PDFs only under a configured storage root"
-                    .into(),
-            ),
-        };
-        let store = ArtifactStore::from_env(root.as_deref().ok());
-        let mut task = Self::with(root, NativeFiles::from_env())?;
+        let sources = Sources::from_env();
+        let store = ArtifactStore::from_env(&sources);
+        let mut task = Self::with(sources, NativeFiles::from_env())?;
         task.artifacts = Some(store);
         Ok(task)
     }
@@ -147,14 +151,18 @@ impl PdfIngestion {
 
     /// A task reading under `storage_root` with the given native files.
     pub fn new(storage_root: &Path, files: NativeFiles) -> Result<Self, String> {
-        Self::with(canonical_root(storage_root), files)
+        Self::with(Sources::local(storage_root), files)
     }
 
-    fn with(storage_root: Result<PathBuf, String>, files: NativeFiles) -> Result<Self, String> {
+    /// A task reading from `sources` with the given native files.
+    pub fn with(sources: Sources, files: NativeFiles) -> Result<Self, String> {
         files.status()?;
         Ok(Self {
-            storage_root,
-            extractor: PdfiumExtractor::new(files.pdfium_lib.clone()),
+            sources,
+            extractor: WithFallback {
+                primary: PdfiumExtractor::new(files.pdfium_lib.clone()),
+                fallback: OxideExtractor,
+            },
             files,
             artifacts: None,
         })
@@ -162,57 +170,13 @@ impl PdfIngestion {
 
     /// Loads pdfium, ONNX Runtime and the model now (otherwise on first use).
     pub fn warm(&self) -> Result<(), String> {
-        self.extractor.warm().map_err(|e| e.to_string())?;
+        self.extractor.primary.warm().map_err(|e| e.to_string())?;
         Embedder::global(&self.files).map(|_| ())
     }
 
-    /// Resolves `file_ref` to a file under the storage root, or a
-    /// specific error: relative paths are taken from the root; absolute
-    /// paths and `file://` URLs must resolve (symlinks and `..` included)
-    /// inside it.
-    pub fn resolve(&self, file_ref: &str) -> Result<PathBuf, TaskError> {
-        let root = self.storage_root.as_ref().map_err(|e| runtime(e.clone()))?;
-        let path_part = if let Some(rest) = file_ref.strip_prefix("file://") {
-            rest
-        } else if let Some((scheme, _)) = file_ref.split_once("://") {
-            return Err(value_error(format!(
-                "[unsupported_scheme] {scheme}:// file references are not supported yet \
-                 (only paths under the storage root and file:// URLs)"
-            )));
-        } else {
-            file_ref
-        };
-        if path_part.is_empty() || path_part.contains('\0') {
-            return Err(value_error(
-                "[bad_file_ref] empty or invalid file reference",
-            ));
-        }
-        let candidate = root.join(path_part); // an absolute path replaces root
-                                              // Refuse what is outside the root by its name alone, before the
-                                              // file system is touched: otherwise the error would tell a producer
-                                              // which files exist outside the root.
-        let outside = || {
-            exc(
-                "PermissionError",
-                format!("[outside_storage_root] {file_ref} is outside the storage root"),
-            )
-        };
-        if !lexically_normal(&candidate).starts_with(root) {
-            return Err(outside());
-        }
-        let resolved = candidate
-            .canonicalize()
-            .map_err(|e| exc("FileNotFoundError", format!("[not_found] {file_ref}: {e}")))?;
-        // Symlinks may still point out of the root.
-        if !resolved.starts_with(root) {
-            return Err(outside());
-        }
-        if !resolved.is_file() {
-            return Err(value_error(format!(
-                "[not_a_file] {file_ref} is not a regular file"
-            )));
-        }
-        Ok(resolved)
+    /// Where `file_ref` points (see [`Sources::resolve`]).
+    pub fn resolve(&self, file_ref: &str) -> Result<Resolved, TaskError> {
+        self.sources.resolve(file_ref)
     }
 
     /// Ingests one document's bytes (everything but the file lookup).
@@ -233,8 +197,15 @@ impl PdfIngestion {
             .map_err(|e| exc("TypeError", format!("{NAME}(): {e}")))?;
         let sha256 = hex(&Sha256::digest(bytes));
 
-        // Extract.
+        // Extract, after the decompression guard.
         let t = Instant::now();
+        let inflate = InflateLimits {
+            max_stream_bytes: opts
+                .max_stream_bytes
+                .unwrap_or(InflateLimits::default().max_stream_bytes),
+        };
+        inflate_guard::check(bytes, &inflate)
+            .map_err(|e| value_error(format!("[decompression_bomb] {e}")))?;
         let limits = ExtractLimits {
             max_pages: opts.max_pages.unwrap_or(ExtractLimits::default().max_pages),
         };
@@ -309,7 +280,7 @@ impl PdfIngestion {
             sha256,
             file_ref: file_ref.to_owned(),
             bytes: bytes.len() as u64,
-            backend: self.extractor.name(),
+            backend: extracted.backend,
             pages: cleaned.pages.len(),
             chars,
             language,
@@ -417,19 +388,10 @@ impl PdfIngestion {
         serde_json::to_value(out.result).map_err(|e| runtime(e.to_string()))
     }
 
-    /// Reads `file_ref` (under the storage root), within the size cap.
+    /// Reads `file_ref` (inside a storage root), within the size cap.
     fn read(&self, file_ref: &str, opts: &IngestOptions) -> Result<Vec<u8>, TaskError> {
-        let path = self.resolve(file_ref)?;
-        let max_bytes = opts.max_bytes.unwrap_or(512 << 20);
-        let size = std::fs::metadata(&path)
-            .map_err(|e| exc("OSError", format!("[read_failed] {file_ref}: {e}")))?
-            .len();
-        if size > max_bytes {
-            return Err(value_error(format!(
-                "[too_large] {file_ref} has {size} bytes, more than the limit of {max_bytes}"
-            )));
-        }
-        std::fs::read(&path).map_err(|e| exc("OSError", format!("[read_failed] {file_ref}: {e}")))
+        self.sources
+            .read(file_ref, opts.max_bytes.unwrap_or(DEFAULT_MAX_BYTES))
     }
 }
 
@@ -490,15 +452,6 @@ impl Task for PdfIngestion {
     }
 }
 
-fn canonical_root(root: &Path) -> Result<PathBuf, String> {
-    root.canonicalize().map_err(|e| {
-        format!(
-            "[no_storage_root] the storage root {} is not usable: {e}",
-            root.display()
-        )
-    })
-}
-
 fn detect_language(pages: &[String]) -> Option<Language> {
     let mut sample = String::new();
     for p in pages {
@@ -533,13 +486,13 @@ pub fn extract_failure(e: ExtractError) -> TaskError {
     }
 }
 
-fn exc(name: &str, message: impl Into<String>) -> TaskError {
+pub(super) fn exc(name: &str, message: impl Into<String>) -> TaskError {
     TaskError::failed(PyException::builtin(name, message))
 }
-fn value_error(message: impl Into<String>) -> TaskError {
+pub(super) fn value_error(message: impl Into<String>) -> TaskError {
     exc("ValueError", message)
 }
-fn runtime(message: impl Into<String>) -> TaskError {
+pub(super) fn runtime(message: impl Into<String>) -> TaskError {
     exc("RuntimeError", message)
 }
 
@@ -549,19 +502,4 @@ fn ms(t: Instant) -> f64 {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Resolves `.` and `..` by name only (no file system access).
-fn lexically_normal(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for part in path.components() {
-        match part {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
 }

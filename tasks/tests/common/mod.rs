@@ -123,6 +123,8 @@ pub struct Entry {
     pub file: String, // e.g. pdf/NAME.pdf
     pub pages: usize,
     pub category: String,
+    /// `qpdf --check` exit code (0: qpdf opens it, without a password).
+    pub qpdf_check_rc: Option<i32>,
 }
 
 pub fn manifest(corpus: &std::path::Path) -> Vec<Entry> {
@@ -130,7 +132,12 @@ pub fn manifest(corpus: &std::path::Path) -> Vec<Entry> {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let (f, p, c) = (col("file"), col("pages"), col("category"));
+    let (f, p, c, q) = (
+        col("file"),
+        col("pages"),
+        col("category"),
+        col("qpdf_check_rc"),
+    );
     lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -139,6 +146,7 @@ pub fn manifest(corpus: &std::path::Path) -> Vec<Entry> {
                 file: cells[f].to_owned(),
                 pages: cells[p].parse().unwrap_or(0),
                 category: cells[c].to_owned(),
+                qpdf_check_rc: cells.get(q).and_then(|v| v.trim().parse().ok()),
             }
         })
         .collect()
