@@ -314,7 +314,12 @@ def test_docker_files_validate():
         if "build" in svc:
             assert (compose.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
     assert w["environment"]["CELERY_BROKER_URL"].startswith("redis://redis:")
-    assert "storage:/data" in w["volumes"] and "storage:/data" in services["web"]["volumes"]
+    # uploads and artifacts in MinIO: web and worker name the same storage URL,
+    # and the worker mounts nothing (so it scales to other hosts as is)
+    assert w["environment"]["TORI_STORAGE_URL"] == services["web"]["environment"]["TORI_STORAGE_URL"]
+    assert w["environment"]["TORI_STORAGE_URL"].startswith("s3://tori/")
+    assert "volumes" not in w
+    assert w["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     # COPY sources of each Dockerfile exist (the build context is the repo root)
     dockerfiles = sorted((REPO / "docker").glob("*.Dockerfile"))
     assert {p.name for p in dockerfiles} == {"worker.Dockerfile", "shim.Dockerfile"}
