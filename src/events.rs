@@ -77,10 +77,22 @@ fn epoch() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Minus the local UTC offset in hours, as Celery reports it.
+/// Minus the local UTC offset in hours, as Celery reports it. Every event
+/// carries it, and asking chrono for the local offset stats
+/// `/etc/localtime` each time, so it is recomputed at most once a minute
+/// (often enough for a daylight-saving change).
 fn utcoffset() -> f64 {
-    let offset = chrono::Local::now().offset().local_minus_utc();
-    -(offset as f64) / 3600.0
+    static CACHE: std::sync::Mutex<Option<(std::time::Instant, f64)>> = std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    match *cache {
+        Some((at, v)) if at.elapsed() < std::time::Duration::from_secs(60) => v,
+        _ => {
+            let offset = chrono::Local::now().offset().local_minus_utc();
+            let v = -f64::from(offset) / 3600.0;
+            *cache = Some((std::time::Instant::now(), v));
+            v
+        }
+    }
 }
 
 impl Events {
