@@ -290,6 +290,10 @@ class Worker:
         self.logf = logdir / f"{side}-{tag or 'w'}-{int(time.time() * 1000)}.log"
         env = py_env(url)
         if side == "tori":
+            # A fresh artifact store per worker: otherwise repeats would
+            # find the first run's result.json and skip the work (and the
+            # default, <storage root>/artifacts, is the shared corpus).
+            env["TORI_ARTIFACTS_URL"] = (logdir / f"artifacts-{uuid.uuid4().hex[:8]}").resolve().as_uri()
             cmd = [str(TORI_BIN), "--broker", url, "-c", str(concurrency), "--pool", POOLS["tori"],
                    "--hostname", f"tori-bench-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "warn"]
             if events:

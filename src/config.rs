@@ -92,6 +92,12 @@ pub struct WorkerArgs {
     #[arg(short = 'P', long, value_enum, default_value_t = PoolKind::Prefork)]
     pub pool: PoolKind,
 
+    /// File keeping revoked task ids (and the logical clock) across
+    /// restarts (Celery's `--statedb`); JSON, written on each revoke and at
+    /// shutdown.
+    #[arg(short = 'S', long, env = "TORI_STATEDB")]
+    pub statedb: Option<std::path::PathBuf>,
+
     /// `MAX,MIN` pool processes (Celery's `--autoscale`): start with MIN,
     /// add processes while messages wait, retire idle ones after 30 s.
     /// Replaces --concurrency. Changeable at run time by `autoscale`.
@@ -215,6 +221,7 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// `(max, min)` from `--autoscale`; `concurrency` is then `min`.
     pub autoscale: Option<(usize, usize)>,
+    pub statedb: Option<std::path::PathBuf>,
     pub pool: PoolKind,
     pub node_name: String,
     pub prefetch_multiplier: usize,
@@ -333,6 +340,7 @@ impl WorkerArgs {
                 _ => concurrency,
             },
             autoscale,
+            statedb: self.statedb.clone(),
             pool: self.pool,
             node_name: expand_node_name(&self.hostname, &host),
             prefetch_multiplier: self.prefetch_multiplier.max(1),

@@ -350,6 +350,7 @@ async fn revoke(ctx: &Ctx, args: &Map<String, Value>, terminate: bool) -> Value 
         }
     }
     tracing::warn!(ids = ?ids, terminate, "tasks revoked by remote control");
+    ctx.save_state();
     if terminate {
         if terminated.is_empty() {
             json!({"ok": "terminate: tasks unknown"})

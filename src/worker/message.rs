@@ -447,6 +447,10 @@ async fn run(
     let runtime = started.elapsed();
     let _ = done_tx.send(());
     let _ = forwarder.await;
+    // The slot is free: let the consumer reserve the next message while
+    // this one's result is stored and acked (two Redis round trips that
+    // would otherwise idle a pool process between no-op-sized tasks).
+    drop(permit);
 
     outcome::finish(
         ctx,
@@ -464,5 +468,4 @@ async fn run(
     .await;
     ctx.processed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    drop(permit);
 }

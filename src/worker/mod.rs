@@ -116,6 +116,17 @@ impl Ctx {
         }
     }
 
+    /// Writes `--statedb` (revoked ids, clock) if configured; failures
+    /// are logged (the ids stay in memory either way).
+    pub fn save_state(&self) {
+        if let Some(path) = &self.cfg.statedb {
+            let state = self.revoked.to_state(self.events.clock.value());
+            if let Err(e) = state.save(path) {
+                tracing::error!(error = %e, "could not persist revoked ids");
+            }
+        }
+    }
+
     pub fn count_finished(&self, task: &str) {
         *self
             .totals
@@ -217,6 +228,13 @@ impl Worker {
                 );
             }
         }
+        let revoked = revoked::Revoked::default();
+        if let Some(path) = &cfg.statedb {
+            let state = revoked::StateFile::load(path).map_err(anyhow::Error::msg)?;
+            let live = revoked.load_state(&state);
+            events.clock.adjust(state.clock);
+            tracing::info!(path = %path.display(), revoked = live, "state loaded (--statedb)");
+        }
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
         let prefetch = Arc::new(Semaphore::new(cfg.concurrency * cfg.prefetch_multiplier));
         Ok(Self {
@@ -233,7 +251,7 @@ impl Worker {
                 processed: AtomicU64::new(0),
                 events,
                 metrics: crate::metrics::Metrics::default(),
-                revoked: revoked::Revoked::default(),
+                revoked,
                 rate_limits,
                 time_limits: Mutex::default(),
                 totals: Mutex::default(),
@@ -311,6 +329,7 @@ impl Worker {
 
         let mode = *ctx.stop.borrow();
         shutdown(&ctx, &handlers, mode).await;
+        ctx.save_state();
         ctx.events
             .send("worker-offline", ctx.heartbeat_fields())
             .await;

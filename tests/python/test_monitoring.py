@@ -661,3 +661,33 @@ def test_autoscale_follows_the_backlog_and_the_control_command(redis_server, wor
     worker_factory(redis_server.url(), "--concurrency", "1", hostname=other)
     reply = app.control.autoscale(4, 2, destination=[other], reply=True, timeout=1)
     assert reply == [{other: {"error": "ValueError('Autoscale not enabled')"}}]
+
+
+# --------------------------------------------------------------------------
+# --statedb: revoked ids survive a restart
+# --------------------------------------------------------------------------
+
+def test_statedb_keeps_revoked_ids_across_restarts(redis_server, worker_factory, app, tmp_path):
+    """A task revoked before its message reaches any worker stays revoked
+    when the worker restarts with the same --statedb (Celery's option);
+    without the file the id would be forgotten and the task would run."""
+    state = tmp_path / "tori-state.json"
+    first = worker_factory(redis_server.url(), "--concurrency", "1", "--statedb", str(state),
+                           hostname="state1@tests")
+    task_id = "statedb-revoked-0001"
+    reply = app.control.revoke(task_id, destination=["state1@tests"], reply=True, timeout=1)
+    assert reply and "flagged as revoked" in reply[0]["state1@tests"]["ok"]
+    first.terminate(timeout=15)
+    saved = json.loads(state.read_text())
+    assert [e[0] for e in saved["revoked"]] == [task_id] and saved["clock"] > 0
+
+    second = worker_factory(redis_server.url(), "--concurrency", "1", "--statedb", str(state),
+                            hostname="state2@tests")
+    inspector = app.control.inspect(destination=["state2@tests"], timeout=1)
+    assert inspector.revoked() == {"state2@tests": [task_id]}
+    res = app.send_task("tori.echo", args=["must not run"], task_id=task_id)
+    other = app.send_task("tori.echo", args=["runs"])
+    assert other.get(timeout=15) == {"args": ["runs"], "kwargs": {}}
+    wait_for(lambda: "discarding" in second.log_text() and task_id in second.log_text(),
+             timeout=10, message="revoked message not discarded")
+    assert res.state == "REVOKED"
