@@ -321,6 +321,33 @@ pub struct WithFallback<P, F> {
 }
 
 impl<P: Extractor, F: Extractor> WithFallback<P, F> {
+    /// The fallback's pages when it finds text where the primary found
+    /// none (same page count), else the primary's empty result.
+    fn fallback_text(&self, bytes: &[u8], limits: &ExtractLimits, empty: Extracted) -> Extracted {
+        let second = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.fallback.extract(bytes, limits, &mut |_, _| true)
+        }));
+        match second {
+            Ok(Ok(mut out))
+                if out.pages.len() == empty.pages.len()
+                    && out.pages.iter().any(|p| !p.text.trim().is_empty()) =>
+            {
+                out.title = empty.title;
+                out.author = empty.author;
+                out.warnings.insert(
+                    0,
+                    format!(
+                        "{} found no text on any page; text extracted with {}",
+                        self.primary.name(),
+                        self.fallback.name()
+                    ),
+                );
+                out
+            }
+            _ => empty,
+        }
+    }
+
     fn worth_falling_back(e: &ExtractError) -> bool {
         matches!(
             e,
@@ -345,6 +372,14 @@ impl<P: Extractor, F: Extractor> Extractor for WithFallback<P, F> {
     ) -> Result<Extracted, ExtractError> {
         let first = match self.primary.extract(bytes, limits, on_page) {
             Err(e) if Self::worth_falling_back(&e) => e,
+            // Opened, but not one character on any page: before calling it
+            // a scan, see whether the other parser finds a text layer
+            // (pdfium skips text in some malformed content streams).
+            Ok(out)
+                if !out.pages.is_empty() && out.pages.iter().all(|p| p.text.trim().is_empty()) =>
+            {
+                return Ok(self.fallback_text(bytes, limits, out));
+            }
             done => return done,
         };
         // A panic in the fallback must not turn a clear primary error into
