@@ -211,10 +211,11 @@ fn phrase_tokens(text: &str) -> Vec<Option<String>> {
     out
 }
 
-/// The `k` best keyphrases of `text`.
-pub fn concepts(text: &str, k: usize) -> Vec<Concept> {
-    // Candidates: every 1- to 3-word n-gram inside a run of content words
-    // (runs end at stop words, numbers and punctuation).
+/// Candidate keyphrases of `text` with their counts: every 1- to 3-word
+/// n-gram inside a run of content words (runs end at stop words, numbers
+/// and punctuation) that recurs (unless the document is tiny) and has
+/// three letters or more; plus each content word's frequency.
+pub fn candidates(text: &str) -> (Vec<(String, usize)>, HashMap<String, f64>) {
     let mut word_freq: HashMap<String, f64> = HashMap::new();
     let mut counts: HashMap<String, usize> = HashMap::new();
     let mut run: Vec<String> = Vec::new();
@@ -239,11 +240,37 @@ pub fn concepts(text: &str, k: usize) -> Vec<Concept> {
     let content_words: f64 = word_freq.values().sum();
     // A phrase must recur, unless the document is tiny.
     let min_count = if content_words < 50.0 { 1 } else { 2 };
-    let mut scored: Vec<Concept> = counts
+    let mut out: Vec<(String, usize)> = counts
         .into_iter()
         .filter(|(phrase, count)| {
             *count >= min_count && phrase.chars().filter(|c| c.is_alphabetic()).count() >= 3
         })
+        .collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    (out, word_freq)
+}
+
+/// Keeps the first `k` phrases of `ranked` (best first), dropping phrases
+/// contained in a better one ("neural" under "neural network").
+pub fn fold_contained(ranked: Vec<Concept>, k: usize) -> Vec<Concept> {
+    let mut kept: Vec<Concept> = Vec::new();
+    for c in ranked {
+        if kept.iter().any(|k| contains_words(&k.phrase, &c.phrase)) {
+            continue;
+        }
+        kept.push(c);
+        if kept.len() == k {
+            break;
+        }
+    }
+    kept
+}
+
+/// The `k` best keyphrases of `text`.
+pub fn concepts(text: &str, k: usize) -> Vec<Concept> {
+    let (candidates, word_freq) = candidates(text);
+    let mut scored: Vec<Concept> = candidates
+        .into_iter()
         .map(|(phrase, count)| {
             // Frequent phrases made of frequent words: count times the
             // summed log-frequency of its words.
@@ -260,18 +287,53 @@ pub fn concepts(text: &str, k: usize) -> Vec<Concept> {
             .total_cmp(&a.score)
             .then_with(|| a.phrase.cmp(&b.phrase))
     });
-    // Drop phrases contained in a better one ("neural" under "neural network").
-    let mut kept: Vec<Concept> = Vec::new();
-    for c in scored {
-        if kept.iter().any(|k| contains_words(&k.phrase, &c.phrase)) {
-            continue;
-        }
-        kept.push(c);
-        if kept.len() == k {
-            break;
+    fold_contained(scored, k)
+}
+
+/// How many of the most frequent candidates [`concepts_by_embedding`]
+/// embeds and ranks.
+pub const CANDIDATES: usize = 60;
+
+/// The `k` candidates of `text` closest to the document in embedding
+/// space. `doc_vectors` are the document's chunk vectors (their centroid is
+/// the document); `embed` embeds phrases. Scores are cosine similarities.
+pub fn concepts_by_embedding(
+    text: &str,
+    doc_vectors: &[Vec<f32>],
+    k: usize,
+    embed: impl FnOnce(&[&str]) -> Result<Vec<Vec<f32>>, String>,
+) -> Result<Vec<Concept>, String> {
+    let Some(first) = doc_vectors.first() else {
+        return Ok(Vec::new());
+    };
+    let mut centroid = vec![0f32; first.len()];
+    for v in doc_vectors {
+        for (c, x) in centroid.iter_mut().zip(v) {
+            *c += x;
         }
     }
-    kept
+    let (mut cands, _) = candidates(text);
+    cands.truncate(CANDIDATES);
+    if cands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let phrases: Vec<&str> = cands.iter().map(|(p, _)| p.as_str()).collect();
+    let vectors = embed(&phrases)?;
+    let mut ranked: Vec<Concept> = cands
+        .iter()
+        .zip(&vectors)
+        .map(|((phrase, count), v)| Concept {
+            phrase: phrase.clone(),
+            score: (f64::from(cosine(&centroid, v).max(0.0)) * 1000.0).round() / 1000.0,
+            count: *count,
+        })
+        .collect();
+    ranked.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.phrase.cmp(&b.phrase))
+    });
+    Ok(fold_contained(ranked, k))
 }
 
 fn contains_words(long: &str, short: &str) -> bool {

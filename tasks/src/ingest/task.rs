@@ -271,7 +271,15 @@ impl PdfIngestion {
 
         // Concepts and summary, from the text and vectors we already have.
         let t = Instant::now();
-        let concepts = super::summarize::concepts(&cleaned.pages.join("\n\n"), 10);
+        let text = cleaned.pages.join("\n\n");
+        let concepts = if vectors.is_empty() {
+            super::summarize::concepts(&text, 10)
+        } else {
+            super::summarize::concepts_by_embedding(&text, &vectors, 10, |phrases| {
+                embedder.embed_texts(phrases)
+            })
+            .map_err(|e| runtime(format!("[embedding_failed] concepts: {e}")))?
+        };
         let chunk_texts: Vec<String> = chunks.iter().map(|c| c.text.clone()).collect();
         let summary = super::summarize::summary(&chunk_texts, &vectors, &concepts, 3);
         let summarize_ms = ms(t);
