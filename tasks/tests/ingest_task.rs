@@ -335,3 +335,46 @@ fn a_decompression_bomb_is_refused_with_its_size() {
     .unwrap();
     assert_eq!(ok["pages"], 1, "{ok}");
 }
+
+#[test]
+fn the_backend_can_be_chosen_per_call() {
+    let Some(files) = common::native_or_skip("backend choice test") else {
+        return;
+    };
+    let (root, _) = storage();
+    let t = task(&root, files);
+    let c = CancelFlag::new();
+    let none = &tasks::NoProgress;
+    let mut texts = Vec::new();
+    for backend in ["pdfium", "pdf_oxide", "pdf-extract"] {
+        let out = call(
+            &t,
+            &c,
+            none,
+            json!(["docs/hello.pdf", {"backend": backend, "embed": false}]),
+            json!({}),
+        )
+        .unwrap_or_else(|e| panic!("{backend}: {e:?}"));
+        assert_eq!(out["backend"], backend, "{out}");
+        assert_eq!(out["pages"], 3, "{backend}: {out}");
+        assert_eq!(
+            out["artifacts"],
+            Value::Null,
+            "a non-default backend bypasses the store"
+        );
+        texts.push(out["chars"].as_u64().unwrap());
+    }
+    assert!(
+        texts.iter().all(|&n| n > 100),
+        "every backend reads the text: {texts:?}"
+    );
+    let (name, msg) = failure(call(
+        &t,
+        &c,
+        none,
+        json!(["docs/hello.pdf", {"backend": "poppler"}]),
+        json!({}),
+    ));
+    assert_eq!(name, "TypeError", "{msg}");
+    assert!(msg.contains("poppler"), "{msg}");
+}

@@ -40,7 +40,8 @@ def _pdf_ingestion(file_ref: str, options: Optional[dict[str, Any]] = None) -> d
     """Ingest the PDF at ``file_ref``: a path under the worker's storage root
     (``TORI_STORAGE_ROOT``), a ``file://`` URL in it, or an ``s3://`` URL under the
     worker's ``TORI_STORAGE_URL``. ``options``: chunk_tokens, chunk_overlap,
-    max_pages, max_bytes, max_stream_bytes, embed. Returns an :class:`tori_bridge.models.IngestResult` dict."""
+    max_pages, max_bytes, max_stream_bytes, embed, backend (pdfium | pdf_oxide |
+    pdf-extract). Returns an :class:`tori_bridge.models.IngestResult` dict."""
     return _refuse("pdf_ingestion")  # type: ignore[no-any-return]
 
 

@@ -27,7 +27,8 @@ pub mod summarize;
 pub mod task;
 
 pub use extract::{
-    ExtractError, Extracted, Extractor, OxideExtractor, PageText, PdfiumExtractor, WithFallback,
+    Backend, ExtractError, Extracted, Extractor, OxideExtractor, PageText, PdfExtractExtractor,
+    PdfiumExtractor, WithFallback,
 };
 pub use native::{ingestion_status, load_counts, LoadCounts, NativeFiles};
 pub use source::Sources;

@@ -12,7 +12,8 @@ use super::chunk::{chunk_pages, ChunkSpec};
 use super::clean::{clean_pages, visible_chars, MIN_TEXT_CHARS};
 use super::embed::{self, EmbedStats, Embedder};
 use super::extract::{
-    ExtractError, ExtractLimits, Extractor, OxideExtractor, PdfiumExtractor, WithFallback,
+    Backend, ExtractError, ExtractLimits, Extractor, OxideExtractor, PdfExtractExtractor,
+    PdfiumExtractor, WithFallback,
 };
 use super::inflate_guard::{self, InflateLimits};
 use super::native::NativeFiles;
@@ -37,6 +38,10 @@ pub struct IngestOptions {
     pub max_pages: Option<usize>,
     /// Refuse files larger than this many bytes (default 512 MiB).
     pub max_bytes: Option<u64>,
+    /// The extraction backend: `pdfium` (default: with `pdf_oxide` where
+    /// pdfium fails), `pdf_oxide` or `pdf-extract` (default from
+    /// `TORI_PDF_BACKEND`).
+    pub backend: Option<Backend>,
     /// Refuse documents with a compressed stream inflating past this
     /// many bytes (default 256 MiB; the decompression-bomb guard).
     pub max_stream_bytes: Option<u64>,
@@ -124,6 +129,8 @@ pub struct PdfIngestion {
     sources: Sources,
     files: NativeFiles,
     extractor: WithFallback<PdfiumExtractor, OxideExtractor>,
+    /// The backend when a call names none.
+    default_backend: Backend,
     /// `None`: no artifacts (and no reuse); `Some(Err)`: misconfigured,
     /// every run fails with the reason.
     artifacts: Option<Result<ArtifactStore, String>>,
@@ -163,6 +170,7 @@ impl PdfIngestion {
                 primary: PdfiumExtractor::new(files.pdfium_lib.clone()),
                 fallback: OxideExtractor,
             },
+            default_backend: backend_from_env()?,
             files,
             artifacts: None,
         })
@@ -213,8 +221,12 @@ impl PdfIngestion {
             ctx.report_progress(json!({"stage": "extract", "page": page, "pages": pages}));
             !ctx.cancel.is_cancelled()
         };
-        let extracted = self
-            .extractor
+        let extractor: &dyn Extractor = match opts.backend.unwrap_or(self.default_backend) {
+            Backend::Pdfium => &self.extractor,
+            Backend::PdfOxide => &OxideExtractor,
+            Backend::PdfExtract => &PdfExtractExtractor,
+        };
+        let extracted = extractor
             .extract(bytes, &limits, &mut on_page)
             .map_err(extract_failure)?;
         let extract_ms = ms(t);
@@ -403,12 +415,27 @@ impl PdfIngestion {
     }
 }
 
+/// `TORI_PDF_BACKEND`, default pdfium; an unknown name stops the worker
+/// from registering the task with the reason.
+fn backend_from_env() -> Result<Backend, String> {
+    match std::env::var("TORI_PDF_BACKEND") {
+        Ok(v) if !v.trim().is_empty() => Backend::parse(&v).ok_or_else(|| {
+            format!(
+                "TORI_PDF_BACKEND={v} is not a backend (one of {})",
+                Backend::NAMES
+            )
+        }),
+        _ => Ok(Backend::Pdfium),
+    }
+}
+
 /// True when `opts` produce the default output (what artifacts hold).
 fn default_output(opts: &IngestOptions) -> bool {
     let d = ChunkSpec::default();
     opts.chunk_tokens.unwrap_or(d.size) == d.size
         && opts.chunk_overlap.unwrap_or(d.overlap) == d.overlap
         && opts.embed.unwrap_or(true)
+        && opts.backend.is_none()
 }
 
 /// Writes `pages.jsonl`, `chunks.jsonl`, then `result.json` (last: its
