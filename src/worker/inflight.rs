@@ -27,6 +27,11 @@ pub enum Phase {
 
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// Unique per delivery: a message put back on its queue (worker lost)
+    /// comes back with the same delivery tag, possibly while the first
+    /// handler is still finishing; the serial keeps that handler from
+    /// removing the new delivery's entry.
+    pub serial: u64,
     pub task_id: String,
     pub task_name: String,
     pub queue: String,
@@ -104,6 +109,20 @@ impl InFlight {
 
     pub fn remove(&self, tag: &str) -> Option<Entry> {
         self.lock().remove(tag)
+    }
+
+    /// Removes `tag` only if it is still the delivery `serial`.
+    pub fn remove_delivery(&self, tag: &str, serial: u64) {
+        let mut map = self.lock();
+        if map.get(tag).is_some_and(|e| e.serial == serial) {
+            map.remove(tag);
+        }
+    }
+
+    /// A fresh delivery serial.
+    pub fn next_serial() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moves `tag` to `phase` unless shutdown already restored it; returns
@@ -213,6 +232,7 @@ mod tests {
 
     fn entry(phase: Phase) -> Entry {
         Entry {
+            serial: InFlight::next_serial(),
             task_id: "id".into(),
             task_name: "t".into(),
             queue: "q".into(),
@@ -257,5 +277,22 @@ mod tests {
         f.mark_acked("a");
         assert!(f.lease_tags().is_empty());
         assert_eq!(f.running_acked().len(), 1);
+    }
+
+    #[test]
+    fn a_finished_handler_does_not_remove_the_redelivered_entry() {
+        let t = InFlight::default();
+        let first = entry(Phase::Active);
+        let first_serial = first.serial;
+        t.insert("tag", first);
+        // Put back on the queue and fetched again before the first handler
+        // cleaned up: same tag, new delivery.
+        let second = entry(Phase::Reserved);
+        let second_serial = second.serial;
+        t.insert("tag", second);
+        t.remove_delivery("tag", first_serial);
+        assert_eq!(t.get("tag").map(|e| e.serial), Some(second_serial));
+        t.remove_delivery("tag", second_serial);
+        assert!(t.get("tag").is_none());
     }
 }

@@ -10,7 +10,7 @@ use tasks::{CancelFlag, ProgressSink};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
 
-use super::inflight::{Entry, Phase};
+use super::inflight::{Entry, InFlight, Phase};
 use super::outcome::{self, Finish};
 use super::{preview, Ctx};
 use crate::broker::Delivery;
@@ -38,9 +38,11 @@ pub(crate) fn accept(
     };
     let msg = decoded.as_ref().ok();
     let env = &delivery.envelope;
+    let serial = InFlight::next_serial();
     ctx.inflight.insert(
         &tag,
         Entry {
+            serial,
             task_id: task_id.clone(),
             task_name: task_name.clone(),
             queue: delivery.queue.clone(),
@@ -88,12 +90,13 @@ pub(crate) fn accept(
             // A message abandoned because the worker is stopping stays in
             // the table: shutdown puts it back on its queue.
             let abandoned = ctx.stopping()
-                && ctx
-                    .inflight
-                    .get(&tag)
-                    .is_some_and(|e| !e.acked && matches!(e.phase, Phase::Reserved | Phase::Scheduled));
+                && ctx.inflight.get(&tag).is_some_and(|e| {
+                    e.serial == serial
+                        && !e.acked
+                        && matches!(e.phase, Phase::Reserved | Phase::Scheduled)
+                });
             if !abandoned {
-                ctx.inflight.remove(&tag);
+                ctx.inflight.remove_delivery(&tag, serial);
             }
         }
         .instrument(span)
@@ -447,10 +450,6 @@ async fn run(
     let runtime = started.elapsed();
     let _ = done_tx.send(());
     let _ = forwarder.await;
-    // The slot is free: let the consumer reserve the next message while
-    // this one's result is stored and acked (two Redis round trips that
-    // would otherwise idle a pool process between no-op-sized tasks).
-    drop(permit);
 
     outcome::finish(
         ctx,
@@ -468,4 +467,8 @@ async fn run(
     .await;
     ctx.processed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Held until the message is settled (result stored, acked or put
+    // back): a message put back must not be fetched again by this worker
+    // while its first handler is still finishing.
+    drop(permit);
 }
