@@ -320,32 +320,42 @@ pub struct WithFallback<P, F> {
     pub fallback: F,
 }
 
+fn has_text(out: &Extracted) -> bool {
+    out.pages.iter().any(|p| !p.text.trim().is_empty())
+}
+
 impl<P: Extractor, F: Extractor> WithFallback<P, F> {
-    /// The fallback's pages when it finds text where the primary found
-    /// none (same page count), else the primary's empty result.
-    fn fallback_text(&self, bytes: &[u8], limits: &ExtractLimits, empty: Extracted) -> Extracted {
+    /// Runs the fallback: `Ok(Some)` when it read some text, `Ok(None)`
+    /// when it failed, found nothing or panicked (a panic in the fallback
+    /// must not turn the primary's clear outcome into a crash report);
+    /// cancellation and the page limit pass through.
+    fn run_fallback(
+        &self,
+        bytes: &[u8],
+        limits: &ExtractLimits,
+        on_page: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Option<Extracted>, ExtractError> {
         let second = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.fallback.extract(bytes, limits, &mut |_, _| true)
+            self.fallback.extract(bytes, limits, on_page)
         }));
         match second {
-            Ok(Ok(mut out))
-                if out.pages.len() == empty.pages.len()
-                    && out.pages.iter().any(|p| !p.text.trim().is_empty()) =>
-            {
-                out.title = empty.title;
-                out.author = empty.author;
-                out.warnings.insert(
-                    0,
-                    format!(
-                        "{} found no text on any page; text extracted with {}",
-                        self.primary.name(),
-                        self.fallback.name()
-                    ),
-                );
-                out
-            }
-            _ => empty,
+            Ok(Ok(out)) if has_text(&out) => Ok(Some(out)),
+            Ok(Err(e @ (ExtractError::Cancelled | ExtractError::TooManyPages { .. }))) => Err(e),
+            _ => Ok(None),
         }
+    }
+
+    /// `out`, from the fallback, with the reason it was used first.
+    fn explained(&self, mut out: Extracted, why: &str) -> Extracted {
+        out.warnings.insert(
+            0,
+            format!(
+                "{} {why}; text extracted with {}",
+                self.primary.name(),
+                self.fallback.name()
+            ),
+        );
+        out
     }
 
     fn worth_falling_back(e: &ExtractError) -> bool {
@@ -374,35 +384,25 @@ impl<P: Extractor, F: Extractor> Extractor for WithFallback<P, F> {
             Err(e) if Self::worth_falling_back(&e) => e,
             // Opened, but not one character on any page: before calling it
             // a scan, see whether the other parser finds a text layer
-            // (pdfium skips text in some malformed content streams).
-            Ok(out)
-                if !out.pages.is_empty() && out.pages.iter().all(|p| p.text.trim().is_empty()) =>
-            {
-                return Ok(self.fallback_text(bytes, limits, out));
+            // (pdfium skips text in some malformed content streams). Its
+            // pages are used only when it sees the same page count.
+            Ok(empty) if !empty.pages.is_empty() && !has_text(&empty) => {
+                return Ok(match self.run_fallback(bytes, limits, &mut |_, _| true) {
+                    Ok(Some(mut out)) if out.pages.len() == empty.pages.len() => {
+                        out.title = empty.title;
+                        out.author = empty.author;
+                        self.explained(out, "found no text on any page")
+                    }
+                    _ => empty,
+                });
             }
             done => return done,
         };
-        // A panic in the fallback must not turn a clear primary error into
-        // a crash report: it counts as "the fallback failed too".
-        let second = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.fallback.extract(bytes, limits, on_page)
-        }));
-        match second {
-            Ok(Ok(mut out)) if out.pages.iter().any(|p| !p.text.trim().is_empty()) => {
-                out.warnings.insert(
-                    0,
-                    format!(
-                        "{} could not open the document ({first}); text extracted with {}",
-                        self.primary.name(),
-                        self.fallback.name()
-                    ),
-                );
-                Ok(out)
-            }
-            Ok(Err(e @ (ExtractError::Cancelled | ExtractError::TooManyPages { .. }))) => Err(e),
+        match self.run_fallback(bytes, limits, on_page)? {
+            Some(out) => Ok(self.explained(out, &format!("could not open the document ({first})"))),
             // An empty "success" from the fallback would hide the
             // primary's specific reason.
-            _ => Err(first),
+            None => Err(first),
         }
     }
 }
