@@ -43,7 +43,12 @@ pub fn register(registry: &mut Registry) {
     if ingestion_status().is_err() {
         return;
     }
-    if let Ok(task) = PdfIngestion::from_env() {
-        registry.register(task).alias(task::ALIAS, task::NAME);
+    match PdfIngestion::from_env() {
+        Ok(task) => {
+            registry.register(task).alias(task::ALIAS, task::NAME);
+        }
+        // e.g. an unknown TORI_PDF_BACKEND: say why the task is missing
+        // rather than leave producers with a bare NotRegistered.
+        Err(why) => eprintln!("tori-worker: pdf_ingestion is not registered: {why}"),
     }
 }
