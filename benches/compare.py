@@ -281,6 +281,8 @@ def py_env(url: str) -> dict:
 
 
 POOLS = {"tori": "prefork", "python": "prefork"}
+# Extra tori-worker flags for experiments (--tori-args).
+TORI_EXTRA_ARGS: list[str] = []
 
 
 class Worker:
@@ -298,6 +300,7 @@ class Worker:
                    "--hostname", f"tori-bench-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "warn"]
             if events:
                 cmd.append("-E")
+            cmd += TORI_EXTRA_ARGS
         else:
             cmd = [str(CELERY_BIN), "-A", "pyapp", "worker", "-P", POOLS["python"], "-c", str(concurrency),
                    "-n", f"py-bench-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "WARNING"]
@@ -932,6 +935,7 @@ def main():
     ap.add_argument("--sides", default="tori,python", help="sides to run (for experiments)")
     ap.add_argument("--tori-pool", default="prefork", help="tori-worker pool (prefork|threads|solo)")
     ap.add_argument("--py-pool", default="prefork", help="Celery pool (prefork|solo|threads)")
+    ap.add_argument("--tori-args", default="", help="extra tori-worker flags, space-separated (experiments)")
     ap.add_argument("--scale", type=int, default=0, help="run the scale check with this many messages instead")
     ap.add_argument("--scale-workers", type=int, default=3)
     ap.add_argument("--scale-concurrency", type=int, default=1)
@@ -945,6 +949,7 @@ def main():
     args.latency = args.latency or (300 if q else 1000)
     only = set(args.only.split(","))
     POOLS["tori"], POOLS["python"] = args.tori_pool, args.py_pool
+    TORI_EXTRA_ARGS[:] = args.tori_args.split()
     cmdline = ".venv/bin/python benches/compare.py " + " ".join(sys.argv[1:])
 
     if args.render_only:

@@ -17,6 +17,7 @@ pub mod events;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+mod redis_batch;
 pub mod redis_link;
 pub mod worker;
 

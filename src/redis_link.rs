@@ -7,11 +7,11 @@
 //! instead of a lost ack or result.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, Client, Cmd, RedisError, Value};
 use thiserror::Error;
 use tokio::sync::Mutex;
 
@@ -49,15 +49,16 @@ pub fn redact_url(url: &str) -> String {
 /// A lazily (re)connected multiplexed connection.
 #[derive(Clone)]
 pub struct RedisLink {
-    inner: Arc<Inner>,
+    inner: Arc<LinkInner>,
 }
 
-struct Inner {
+pub(crate) struct LinkInner {
     client: Client,
     url_for_logs: String,
     role: &'static str,
     config: AsyncConnectionConfig,
     conn: Mutex<Option<MultiplexedConnection>>,
+    batcher: OnceLock<crate::redis_batch::Batcher>,
 }
 
 impl std::fmt::Debug for RedisLink {
@@ -85,12 +86,13 @@ impl RedisLink {
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(response_timeout));
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(LinkInner {
                 client,
                 url_for_logs: redact_url(url),
                 role,
                 config,
                 conn: Mutex::new(None),
+                batcher: OnceLock::new(),
             }),
         })
     }
@@ -128,6 +130,22 @@ impl RedisLink {
         tracing::info!(role = self.inner.role, url = %self.inner.url_for_logs, "connected to Redis");
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Sends `cmds` in one pipeline with the writes other callers have
+    /// ready at the same moment (see `redis_batch`), retrying while Redis
+    /// is away. One reply per command; refused commands are
+    /// [`Value::ServerError`]s in place.
+    pub async fn batched(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, RedisError> {
+        let batcher = self
+            .inner
+            .batcher
+            .get_or_init(|| crate::redis_batch::Batcher::start(Arc::downgrade(&self.inner)));
+        batcher.submit(cmds).await
+    }
+
+    pub(crate) fn upgrade(inner: &Weak<LinkInner>) -> Option<Self> {
+        inner.upgrade().map(|inner| Self { inner })
     }
 
     /// Forgets the connection after an error that may have broken it.

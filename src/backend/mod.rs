@@ -68,14 +68,32 @@ impl ResultBackend {
         let key = self.meta_key(&doc.task_id);
         let json = doc.to_json(Utc::now());
         let ttl = self.expires.map(|d| d.as_secs().max(1)).unwrap_or(0);
-        let written: i64 = self
+        // EVALSHA in the shared write batch; the first store on a fresh
+        // server (script not cached yet) loads it through a plain call.
+        let batched = self
             .link
-            .retry("store result", |mut c| {
-                let mut inv = STORE.prepare_invoke();
-                inv.key(&key).arg(&json).arg(ttl);
-                async move { inv.invoke_async(&mut c).await }
-            })
+            .batched(vec![redis::cmd("EVALSHA")
+                .arg(STORE.get_hash())
+                .arg(1)
+                .arg(&key)
+                .arg(&json)
+                .arg(ttl)
+                .clone()])
             .await?;
+        let written: i64 = match batched.into_iter().next() {
+            Some(redis::Value::ServerError(e)) if e.code() == "NOSCRIPT" => {
+                self.link
+                    .retry("store result", |mut c| {
+                        let mut inv = STORE.prepare_invoke();
+                        inv.key(&key).arg(&json).arg(ttl);
+                        async move { inv.invoke_async(&mut c).await }
+                    })
+                    .await?
+            }
+            Some(redis::Value::ServerError(e)) => return Err(e.into()),
+            Some(v) => redis::from_redis_value(v)?,
+            None => 0,
+        };
         if written == 0 {
             tracing::info!(task_id = %doc.task_id, state = doc.state.as_str(), "result not written: task already succeeded");
         }

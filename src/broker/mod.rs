@@ -236,20 +236,26 @@ impl Broker {
         Ok(out)
     }
 
-    /// Acknowledges: the message is done and forgotten (MULTI ZREM/HDEL).
+    /// Acknowledges: the message is done and forgotten (MULTI ZREM/HDEL,
+    /// as kombu does). Goes out with the other writes ready at the same
+    /// moment (`RedisLink::batched`); returns once Redis applied it.
     pub async fn ack(&self, tag: &str) -> Result<(), RedisError> {
         let k = &self.config.keys;
-        self.link
-            .retry("ack", |mut c| {
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .zrem(&k.unacked_index, tag)
-                    .ignore()
-                    .hdel(&k.unacked, tag)
-                    .ignore();
-                async move { pipe.query_async::<()>(&mut c).await }
-            })
-            .await
+        let replies = self
+            .link
+            .batched(vec![
+                redis::cmd("MULTI"),
+                redis::cmd("ZREM").arg(&k.unacked_index).arg(tag).clone(),
+                redis::cmd("HDEL").arg(&k.unacked).arg(tag).clone(),
+                redis::cmd("EXEC"),
+            ])
+            .await?;
+        for reply in replies {
+            if let RedisValue::ServerError(e) = reply {
+                return Err(e.into());
+            }
+        }
+        Ok(())
     }
 
     /// Moves an unacked message to the dead-letter list with a reason, in

@@ -65,6 +65,14 @@ impl Formatter for PythonFormatter {
     }
 }
 
+/// Appends `value` as Python's `json.dumps(value)` would write it.
+pub fn write_to<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let mut ser = serde_json::Serializer::with_formatter(out, PythonFormatter);
+    value
+        .serialize(&mut ser)
+        .expect("value must be JSON-serializable");
+}
+
 /// Serializes `value` like Python's `json.dumps(value)`.
 pub fn to_string<T: Serialize + ?Sized>(value: &T) -> String {
     let mut out = Vec::with_capacity(256);

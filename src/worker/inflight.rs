@@ -157,6 +157,12 @@ impl InFlight {
         self.lock().get(tag).cloned()
     }
 
+    /// Reads part of an entry without cloning all of it (the per-task
+    /// path asks a few times per message).
+    pub fn view<R>(&self, tag: &str, f: impl FnOnce(&Entry) -> R) -> Option<R> {
+        self.lock().get(tag).map(f)
+    }
+
     pub fn by_task_id(&self, task_id: &str) -> Option<Entry> {
         self.lock().values().find(|e| e.task_id == task_id).cloned()
     }

@@ -90,11 +90,11 @@ pub(crate) fn accept(
             // A message abandoned because the worker is stopping stays in
             // the table: shutdown puts it back on its queue.
             let abandoned = ctx.stopping()
-                && ctx.inflight.get(&tag).is_some_and(|e| {
+                && ctx.inflight.view(&tag, |e| {
                     e.serial == serial
                         && !e.acked
                         && matches!(e.phase, Phase::Reserved | Phase::Scheduled)
-                });
+                }) == Some(true);
             if !abandoned {
                 ctx.inflight.remove_delivery(&tag, serial);
             }
@@ -143,21 +143,15 @@ pub(crate) async fn store_revoked(
     store_then_ack(ctx, &doc, tag).await;
     let name = ctx
         .inflight
-        .get(tag)
-        .map(|e| e.task_name)
+        .view(tag, |e| e.task_name.clone())
         .unwrap_or_default();
     ctx.metrics.count(&name, "revoked");
-    ctx.events
-        .task(
-            "task-revoked",
-            crate::fields! {
-                "uuid" => task_id,
-                "terminated" => terminated,
-                "signum" => signum,
-                "expired" => expired,
-            },
-        )
-        .await;
+    ctx.events.task("task-revoked", |ev| {
+        ev.field("uuid", &task_id)
+            .field("terminated", &terminated)
+            .field("signum", &signum)
+            .field("expired", &expired);
+    });
 }
 
 /// A pickle (or other refused) payload: tell the producer how to fix it.
@@ -207,22 +201,23 @@ async fn life(
 ) {
     tracing::info!(queue = %delivery.queue, retries = msg.retries, protocol = msg.protocol, "task received");
     ctx.metrics.count(&msg.task, "received");
-    ctx.events
-        .task(
-            "task-received",
-            crate::fields! {
-                "uuid" => msg.id,
-                "name" => msg.task,
-                "args" => argsrepr(&msg),
-                "kwargs" => kwargsrepr(&msg),
-                "root_id" => msg.root_id,
-                "parent_id" => msg.parent_id,
-                "retries" => msg.retries,
-                "eta" => msg.eta.map(crate::protocol::task_message::format_time),
-                "expires" => msg.expires.map(crate::protocol::task_message::format_time),
-            },
-        )
-        .await;
+    ctx.events.task("task-received", |ev| {
+        ev.field("uuid", &msg.id)
+            .field("name", &msg.task)
+            .field("args", &argsrepr(&msg))
+            .field("kwargs", &kwargsrepr(&msg))
+            .field("root_id", &msg.root_id)
+            .field("parent_id", &msg.parent_id)
+            .field("retries", &msg.retries)
+            .field(
+                "eta",
+                &msg.eta.map(crate::protocol::task_message::format_time),
+            )
+            .field(
+                "expires",
+                &msg.expires.map(crate::protocol::task_message::format_time),
+            );
+    });
     if ctx.revoked.contains(&msg.id) {
         tracing::warn!("task was revoked; discarding it");
         store_revoked(ctx, &msg.id, tag, "revoked", None, false).await;
@@ -248,12 +243,10 @@ async fn life(
     let Some(task) = ctx.registry.get(&msg.task) else {
         tracing::error!("received unregistered task; storing FAILURE NotRegistered");
         ctx.metrics.count(&msg.task, "failed");
-        ctx.events
-            .task(
-                "task-failed",
-                crate::fields! {"uuid" => msg.id, "exception" => format!("NotRegistered('{}')", msg.task)},
-            )
-            .await;
+        ctx.events.task("task-failed", |ev| {
+            ev.field("uuid", &msg.id)
+                .field("exception", &format!("NotRegistered('{}')", msg.task));
+        });
         let doc = StateDoc::new(
             &msg.id,
             State::Failure,
@@ -358,14 +351,17 @@ async fn run(
     if !ctx.inflight.advance(tag, Phase::Active) {
         return;
     }
-    let Some(entry) = ctx.inflight.get(tag) else {
+    let Some((terminate, terminate_signal, worker_pid)) = ctx.inflight.view(tag, |e| {
+        (
+            e.terminate.clone(),
+            e.terminate_signal.clone(),
+            e.worker_pid.clone(),
+        )
+    }) else {
         return;
     };
     let options = task.options();
     let acks_late = options.acks_late.unwrap_or(ctx.cfg.acks_late);
-    if !acks_late {
-        ack(ctx, tag).await;
-    }
     if ctx.cfg.track_started && !(msg.ignore_result || options.ignore_result) {
         let doc = StateDoc::new(
             &msg.id,
@@ -387,40 +383,16 @@ async fn run(
         .soft
         .or(options.soft_time_limit)
         .or(ctx.cfg.default_soft_time_limit);
+    // PROGRESS reports are written from this handler while the pool runs
+    // the job, in order, and all of them before the final state.
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Value>();
-    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
-    let forwarder = {
-        let ctx = ctx.clone();
-        let id = msg.id.clone();
-        tokio::spawn(
-            async move {
-                let write = |meta: Value| {
-                    let doc = StateDoc::new(&id, State::Progress, meta);
-                    let ctx = ctx.clone();
-                    async move {
-                        if let Err(e) = ctx.backend.store(&doc).await {
-                            tracing::warn!(error = %e, "could not store PROGRESS");
-                        }
-                    }
-                };
-                loop {
-                    tokio::select! {
-                        biased;
-                        meta = progress_rx.recv() => match meta {
-                            Some(meta) => write(meta).await,
-                            None => return,
-                        },
-                        _ = &mut done_rx => {
-                            while let Ok(meta) = progress_rx.try_recv() {
-                                write(meta).await;
-                            }
-                            return;
-                        }
-                    }
-                }
+    let write_progress = |meta: Value| {
+        let doc = StateDoc::new(&msg.id, State::Progress, meta);
+        async move {
+            if let Err(e) = ctx.backend.store(&doc).await {
+                tracing::warn!(error = %e, "could not store PROGRESS");
             }
-            .in_current_span(),
-        )
+        }
     };
     let job = Job {
         task,
@@ -433,23 +405,37 @@ async fn run(
         hard_limit: hard.map(Duration::from_secs_f64),
         cancel: Arc::new(CancelFlag::new()),
         progress: Arc::new(ChannelProgress(progress_tx)),
-        terminate: entry.terminate.clone(),
-        terminate_signal: entry.terminate_signal.clone(),
-        pid: entry.worker_pid.clone(),
+        terminate,
+        terminate_signal,
+        pid: worker_pid,
     };
     ctx.inflight.set_started(tag, epoch());
     tracing::info!("task started");
-    ctx.events
-        .task("task-started", crate::fields! {"uuid" => msg.id})
-        .await;
+    ctx.events.task("task-started", |ev| {
+        ev.field("uuid", &msg.id);
+    });
     let started = Instant::now();
-    let result =
-        ctx.pool.run(slot, job).await.unwrap_or_else(|_| {
-            crate::pool::JobOutcome::WorkerLost("the pool dropped the job".into())
-        });
+    let running = ctx.pool.run(slot, job);
+    // An early ack goes out while the pool process starts the job, as
+    // Celery acks once the pool accepted it: waiting for it first put a
+    // Redis round trip between every two tasks of a pool process.
+    if !acks_late {
+        ack(ctx, tag).await;
+    }
+    tokio::pin!(running);
+    let result = loop {
+        tokio::select! {
+            biased;
+            done = &mut running => break done,
+            Some(meta) = progress_rx.recv() => write_progress(meta).await,
+        }
+    };
     let runtime = started.elapsed();
-    let _ = done_tx.send(());
-    let _ = forwarder.await;
+    let result = result
+        .unwrap_or_else(|_| crate::pool::JobOutcome::WorkerLost("the pool dropped the job".into()));
+    while let Ok(meta) = progress_rx.try_recv() {
+        write_progress(meta).await;
+    }
 
     outcome::finish(
         ctx,

@@ -82,11 +82,7 @@ fn traceback_text(f: &Finish<'_>, e: &PyException, detail: Option<&str>) -> Stri
 
 pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
     let secs = f.runtime.as_secs_f64();
-    if ctx
-        .inflight
-        .get(f.tag)
-        .is_some_and(|e| e.phase == super::Phase::Restored)
-    {
+    if ctx.inflight.view(f.tag, |e| e.phase) == Some(super::Phase::Restored) {
         // A cold shutdown took the message back and stopped the process:
         // the task will run again elsewhere, so record nothing.
         tracing::warn!(
@@ -102,8 +98,7 @@ pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
             tracing::warn!(runtime = secs, "task terminated by revoke");
             let signum = ctx
                 .inflight
-                .get(f.tag)
-                .map(|e| {
+                .view(f.tag, |e| {
                     e.terminate_signal
                         .load(std::sync::atomic::Ordering::Relaxed)
                 })
@@ -251,12 +246,11 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
     let shown = truncate(&py_repr(&value), 200);
     tracing::info!(runtime = secs, result = %shown, "task succeeded");
     ctx.metrics.count(&f.msg.task, "succeeded");
-    ctx.events
-        .task(
-            "task-succeeded",
-            crate::fields! {"uuid" => f.msg.id, "result" => shown, "runtime" => secs},
-        )
-        .await;
+    ctx.events.task("task-succeeded", |ev| {
+        ev.field("uuid", &f.msg.id)
+            .field("result", &shown)
+            .field("runtime", &secs);
+    });
     if f.ignore_result() {
         if f.acks_late {
             ack(ctx, f.tag).await;
@@ -330,12 +324,11 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
         return;
     }
     let traceback = traceback.unwrap_or_else(|| traceback_text(f, &exc, None));
-    ctx.events
-        .task(
-            "task-failed",
-            crate::fields! {"uuid" => f.msg.id, "exception" => exc.repr(), "traceback" => traceback},
-        )
-        .await;
+    ctx.events.task("task-failed", |ev| {
+        ev.field("uuid", &f.msg.id)
+            .field("exception", &exc.repr())
+            .field("traceback", &traceback);
+    });
     let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
     doc.traceback = Some(traceback);
     finish_with(ctx, f, &doc).await;
@@ -431,12 +424,11 @@ async fn retry(
         None,
     ));
     doc.children = Some(vec![child_ref(&f.msg.id)]);
-    ctx.events
-        .task(
-            "task-retried",
-            crate::fields! {"uuid" => f.msg.id, "exception" => shown.repr(), "traceback" => doc.traceback},
-        )
-        .await;
+    ctx.events.task("task-retried", |ev| {
+        ev.field("uuid", &f.msg.id)
+            .field("exception", &shown.repr())
+            .field("traceback", &doc.traceback);
+    });
     if f.ignore_result() {
         ack(ctx, f.tag).await;
     } else {
@@ -496,12 +488,9 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
 async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
     tracing::warn!(requeue, %reason, "task rejected its message");
     ctx.metrics.count(&f.msg.task, "rejected");
-    ctx.events
-        .task(
-            "task-rejected",
-            crate::fields! {"uuid" => f.msg.id, "requeue" => requeue},
-        )
-        .await;
+    ctx.events.task("task-rejected", |ev| {
+        ev.field("uuid", &f.msg.id).field("requeue", &requeue);
+    });
     if requeue {
         if let Err(e) = ctx.broker.restore(f.tag, true).await {
             tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");

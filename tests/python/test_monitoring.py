@@ -205,7 +205,7 @@ def test_celery_cli_inspect_lists_worker_and_terminate_revokes(
     assert len(procs) == 3 and len(set(procs)) == 3, pool
     for pid in procs:
         assert ppid_of(pid) == worker.pid, f"stats pool process {pid} is not a live child of the worker"
-    assert stats["prefetch_count"] == 3, stats["prefetch_count"]  # multiplier 1 x 3
+    assert stats["prefetch_count"] == 12, stats["prefetch_count"]  # multiplier 4 (Celery's default) x 3
     assert isinstance(stats["clock"], str) and int(stats["clock"]) > 0, stats["clock"]
     assert isinstance(stats["uptime"], int) and 0 <= stats["uptime"] < 300, stats["uptime"]
     assert stats["total"].get("tori.noop", 0) >= 1, stats["total"]  # the readiness probe
@@ -320,7 +320,7 @@ def test_flower_api_lists_worker_and_tori_tasks(redis_server, worker_factory, fl
     info = flower.get_json("/api/workers?refresh=1")[node]
     stats = info["stats"]
     assert stats["pool"]["max-concurrency"] == 2 and len(stats["pool"]["processes"]) == 2, stats["pool"]
-    assert stats["prefetch_count"] == 2 and "rusage" in stats and "broker" in stats, stats
+    assert stats["prefetch_count"] == 8 and "rusage" in stats and "broker" in stats, stats
     assert {"tori.echo", "tori.sleep", "tori.fail", "tori.noop"} <= set(info["registered"]), \
         info["registered"]
     assert [q["name"] for q in info["active_queues"]] == ["celery"], info["active_queues"]
@@ -569,12 +569,12 @@ def test_pool_grow_and_shrink_change_processes_and_parallelism(redis_server, wor
         return st["pool"]["max-concurrency"], st["pool"]["processes"], st["prefetch_count"]
 
     size, procs, prefetch = pool()
-    assert (size, len(procs), prefetch) == (1, 1, 1)
+    assert (size, len(procs), prefetch) == (1, 1, 4)
     assert app.control.pool_grow(2, destination=[node], reply=True, timeout=1) == [
         {node: {"ok": "pool will grow"}}]
     grown = wait_for(lambda: (lambda p: p if len(p[1]) == 3 else None)(pool()), timeout=10,
                      message="pool did not grow to 3 processes")
-    assert grown[0] == 3 and grown[2] == 3
+    assert grown[0] == 3 and grown[2] == 12
     t = time.monotonic()
     results = [app.send_task("tori.sleep", args=[1]) for _ in range(3)]
     assert [r.get(timeout=15) for r in results] == [1, 1, 1]
@@ -584,7 +584,7 @@ def test_pool_grow_and_shrink_change_processes_and_parallelism(redis_server, wor
         {node: {"ok": "pool will shrink"}}]
     shrunk = wait_for(lambda: (lambda p: p if len(p[1]) == 1 else None)(pool()), timeout=10,
                       message="pool did not shrink to 1 process")
-    assert shrunk[0] == 1 and shrunk[2] == 1
+    assert shrunk[0] == 1 and shrunk[2] == 4
     reply = app.control.pool_shrink(1, destination=[node], reply=True, timeout=1)
     assert "error" in reply[0][node]
     t = time.monotonic()

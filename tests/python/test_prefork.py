@@ -524,13 +524,14 @@ def test_cold_shutdown_running_task_not_run_twice(worker_factory, redis_server, 
     worker runs it right away, so the stopping worker must have killed its
     copy (issue 3: "cold (kill children, restore their messages)")."""
     url = redis_server.url()
-    w1 = worker_factory(url, "--concurrency", "1", "--acks-late")
+    # prefetch 1: a busy w1 must not hold the peer's readiness probe
+    w1 = worker_factory(url, "--concurrency", "1", "--acks-late", "--prefetch-multiplier", "1")
     kids1 = wait_children(w1, 1)
     r = app.send_task("tori.sleep", args=[3])
     wait_for(lambda: count_task_events([w1.log_text()], r.id, "started"), 15,
              message="tori.sleep(3) did not start on the first worker")
     # a peer on the same queue (w1 is busy, so the readiness probe runs here)
-    w2 = worker_factory(url, "--concurrency", "1", "--acks-late")
+    w2 = worker_factory(url, "--concurrency", "1", "--acks-late", "--prefetch-multiplier", "1")
     assert not count_task_events([w2.log_text()], r.id, "started")
 
     w1.proc.send_signal(signal.SIGQUIT)

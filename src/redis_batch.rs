@@ -1,0 +1,131 @@
+//! Group commit for Redis writes: many callers, one round trip.
+//!
+//! At a few thousand tasks a second most of the parent's time went to
+//! system calls and wake-ups, one socket write and one read per ack and
+//! per stored result. Writes that are ready in the same instant are now
+//! sent as one pipeline: a caller submits its commands and waits for its
+//! own replies, so nothing about ordering or durability changes for it
+//! (an ack still returns only once Redis applied it). With one caller the
+//! batch is one request and costs what a plain call cost; under load the
+//! round trips per task fall with the batch size.
+//!
+//! Every batched write must be safe to repeat: after a connection error
+//! the whole batch is sent again (the caller cannot know whether Redis
+//! applied it), which is what the single-call retry did too.
+
+use redis::{Cmd, RedisError, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::redis_link::RedisLink;
+
+/// Requests taken into one pipeline at most.
+const MAX_REQUESTS: usize = 256;
+
+struct Request {
+    cmds: Vec<Cmd>,
+    reply: oneshot::Sender<Result<Vec<Value>, RedisError>>,
+}
+
+/// The submitting side; the loop runs on the link's runtime.
+#[derive(Debug, Clone)]
+pub(crate) struct Batcher {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("cmds", &self.cmds.len())
+            .finish()
+    }
+}
+
+impl Batcher {
+    /// Starts the loop that sends batches over `link`. It ends when every
+    /// `Batcher` handle is gone.
+    /// The loop holds the link weakly, so dropping the last handle of the
+    /// link ends it.
+    pub(crate) fn start(link: std::sync::Weak<crate::redis_link::LinkInner>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(link, rx));
+        Self { tx }
+    }
+
+    /// Sends `cmds` (in order, not as a transaction of their own) with
+    /// whatever else is waiting, retrying while Redis is away. Returns one
+    /// reply per command; a command Redis refused is a
+    /// [`Value::ServerError`] in its place, an error that retrying cannot
+    /// fix ends the whole request.
+    pub(crate) async fn submit(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, RedisError> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Request { cmds, reply }).is_err() {
+            return Err(stopped());
+        }
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+fn stopped() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Io,
+        "the Redis write batcher has stopped (the worker is exiting)",
+    ))
+}
+
+async fn run(
+    weak: std::sync::Weak<crate::redis_link::LinkInner>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+) {
+    let mut batch: Vec<Request> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let Some(link) = RedisLink::upgrade(&weak) else {
+            return;
+        };
+        batch.push(first);
+        while batch.len() < MAX_REQUESTS {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        send(&link, &mut batch).await;
+    }
+}
+
+/// Sends one batch and hands each request its slice of the replies.
+async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for req in batch.iter() {
+        for cmd in &req.cmds {
+            pipe.add_command(cmd.clone());
+        }
+    }
+    let result: Result<Vec<Value>, RedisError> = link
+        .retry("batched write", |mut c| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async(&mut c).await }
+        })
+        .await;
+    match result {
+        Ok(replies) => {
+            let mut replies = replies.into_iter();
+            for req in batch.drain(..) {
+                let mine: Vec<Value> = replies.by_ref().take(req.cmds.len()).collect();
+                let _ = req.reply.send(if mine.len() == req.cmds.len() {
+                    Ok(mine)
+                } else {
+                    Err(RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "pipeline returned fewer replies than commands",
+                    )))
+                });
+            }
+        }
+        Err(e) => {
+            for req in batch.drain(..) {
+                let _ = req.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
