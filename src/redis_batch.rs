@@ -129,3 +129,130 @@ async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A private redis-server on a free port, stopped on drop.
+    struct Server {
+        child: std::process::Child,
+        port: u16,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn start_redis() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/bootstrap)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server { child, port }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_callers_get_their_own_replies_and_errors() {
+        let server = start_redis();
+        let link = RedisLink::open(
+            &format!("redis://127.0.0.1:{}/0", server.port),
+            "test",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..200u32 {
+            let link = link.clone();
+            calls.spawn(async move {
+                let key = format!("k{i}");
+                let cmds = if i == 7 {
+                    // INCR on a non-number: refused, for this caller only.
+                    vec![
+                        redis::cmd("SET").arg(&key).arg("text").clone(),
+                        redis::cmd("INCR").arg(&key).clone(),
+                    ]
+                } else {
+                    vec![
+                        redis::cmd("SET").arg(&key).arg(i).clone(),
+                        redis::cmd("GET").arg(&key).clone(),
+                    ]
+                };
+                (i, link.batched(cmds).await)
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            let (i, replies) = done.unwrap();
+            let replies = replies.unwrap();
+            assert_eq!(replies.len(), 2, "caller {i}");
+            if i == 7 {
+                assert!(matches!(&replies[1], Value::ServerError(_)), "{replies:?}");
+            } else {
+                let got: u32 = redis::from_redis_value(replies[1].clone()).unwrap();
+                assert_eq!(got, i, "caller {i} got another caller's reply");
+            }
+        }
+        // Every caller's write reached the server exactly once.
+        let mut conn = link.conn().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(info.contains("cmdstat_set:calls=200"), "{info}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn waits_for_redis_to_come_back() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let link = RedisLink::open(
+            &format!("redis://127.0.0.1:{port}/0"),
+            "test",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let call = tokio::spawn({
+            let link = link.clone();
+            async move { link.batched(vec![redis::cmd("PING")]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !call.is_finished(),
+            "a write must wait, not fail, while Redis is away"
+        );
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let _server = Server { child, port };
+        let replies = tokio::time::timeout(Duration::from_secs(15), call)
+            .await
+            .expect("the write did not go through after Redis came back")
+            .unwrap()
+            .unwrap();
+        assert_eq!(replies, vec![Value::SimpleString("PONG".into())]);
+    }
+}
