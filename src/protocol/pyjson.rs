@@ -49,6 +49,9 @@ impl Formatter for PythonFormatter {
         fragment: &str,
     ) -> io::Result<()> {
         // ensure_ascii: everything outside ASCII becomes \uXXXX (UTF-16).
+        if fragment.is_ascii() {
+            return w.write_all(fragment.as_bytes());
+        }
         let mut start = 0;
         for (i, ch) in fragment.char_indices() {
             if ch.is_ascii() {
