@@ -514,7 +514,7 @@ def pdf_case(side, srv: RedisServer, msgs: Messages, pdfs: list[dict], logdir: P
         failed = len(res) - len(ok)
         pages = sum(x["pages"] for x in ok)
         stages = {}
-        for k in ("extract_ms", "clean_ms", "chunk_ms", "embed_ms", "total_ms"):
+        for k in ("extract_ms", "clean_ms", "chunk_ms", "embed_ms", "summarize_ms", "total_ms"):
             stages[k] = sum(x["timings"][k] for x in ok)
         padded = sum((x.get("embed_stats") or {}).get("padded_tokens", 0) for x in ok)
         chunks = sum(x["chunks"] for x in ok)
@@ -788,9 +788,9 @@ def render(args, meta, data, cmdline) -> str:
             t = [x[key] for x in pdf["tori"]]
             p = [x[key] for x in pdf["python"]]
             L.append(f"| {label} | {cell(t)} | {cell(p)} | {ratio(t, p)} |")
-        for k in ("extract_ms", "clean_ms", "chunk_ms", "embed_ms", "total_ms"):
-            t = [x["stage_ms"][k] for x in pdf["tori"]]
-            p = [x["stage_ms"][k] for x in pdf["python"]]
+        for k in ("extract_ms", "clean_ms", "chunk_ms", "embed_ms", "summarize_ms", "total_ms"):
+            t = [x["stage_ms"].get(k, 0.0) for x in pdf["tori"]]
+            p = [x["stage_ms"].get(k, 0.0) for x in pdf["python"]]
             L.append(f"| stage {k.removesuffix('_ms')} (sum of task ms) | {cell(t)} | {cell(p)} | {ratio(t, p)} |")
         fails = sum(x["failed"] for s in SIDES for x in pdf[s])
         L.append(f"\nFailed documents (all runs, both sides): {fails}.\n")

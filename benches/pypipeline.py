@@ -6,10 +6,13 @@ build), cleaning (NFKC, control characters, repeated header/footer lines,
 de-hyphenation), 254-token windows with 32 tokens of overlap from the
 model's own tokenizer (HF `tokenizers`, the same tokenizer.json),
 all-MiniLM-L6-v2 embeddings with onnxruntime on the SAME model.onnx
-(`[CLS] ids [SEP]`, duplicates once, length-sorted batches of at most 32
-sequences / 8192 padded tokens, mean pooling, L2 norm), one intra-op
-thread and no spinning, as the worker's session. Language detection
-(whatlang in Rust) is not ported: it costs well under 1 % there.
+(`[CLS] ids [SEP]`, duplicates once, length-sorted batches of at most 64
+sequences / 2048 padded tokens, mean pooling, L2 norm), one intra-op
+thread and no spinning, as the worker's session; then the same key
+concepts (the 60 most frequent candidate phrases ranked by embedding
+similarity to the document, with the worker's stop words, read from its
+source) and extractive summary. Language detection (whatlang in Rust) is
+not ported: it costs well under 1 % there.
 
 `python pypipeline.py raw-ort FILE...` runs only the model on the batches
 this pipeline builds for those files and prints JSON: the physical limit
@@ -33,7 +36,8 @@ NATIVE = Path(os.environ.get("TORI_NATIVE_DIR", HERE.parent / ".tori" / "native"
 MODEL_DIR = Path(os.environ.get("TORI_MODEL_DIR", NATIVE / "minilm"))
 CHUNK_SIZE, CHUNK_OVERLAP = 254, 32
 MAX_TOKENS, DIM = 256, 384
-MAX_BATCH, MAX_BATCH_TOKENS = 32, 8192
+MAX_BATCH, MAX_BATCH_TOKENS = 64, 8 * 256
+CANDIDATES = 60
 EDGE_LINES = 3
 MIN_TEXT_CHARS = 16
 
@@ -276,6 +280,153 @@ def embed(seqs: list[list[int]]) -> tuple[np.ndarray, dict]:
     return vectors[slots], stats
 
 
+# ---------------------------------------------------------------- summarize
+
+def _stop_words() -> frozenset:
+    if "stop" not in _state:
+        src = (HERE.parent / "tasks" / "src" / "ingest" / "summarize.rs").read_text()
+        block = src[src.index("const STOP_WORDS"):]
+        block = block[:block.index("];")]
+        _state["stop"] = frozenset(re.findall(r'"([^"]+)"', block))
+    return _state["stop"]
+
+
+def phrase_tokens(text: str) -> list:
+    """Lower-cased content words, None at phrase boundaries (as summarize.rs)."""
+    stop = _stop_words()
+    out, word = [], []
+
+    def flush():
+        if not word:
+            return
+        w = "".join(word).lower()
+        content = any(c.isalpha() for c in w) and len(w) >= 2 and w not in stop
+        out.append(w if content else None)
+        word.clear()
+
+    for ch in text:
+        if ch.isalnum() or (ch == "-" and word):
+            word.append(ch)
+        else:
+            flush()
+            if not ch.isspace():
+                out.append(None)
+    flush()
+    return out
+
+
+def candidates(text: str) -> list:
+    counts: dict = {}
+    run: list = []
+    content_words = 0
+
+    def flush():
+        for n in (1, 2, 3):
+            for i in range(len(run) - n + 1):
+                g = " ".join(run[i:i + n])
+                counts[g] = counts.get(g, 0) + 1
+        run.clear()
+
+    for tok in phrase_tokens(text):
+        if tok is None:
+            flush()
+        else:
+            content_words += 1
+            run.append(tok)
+    flush()
+    min_count = 1 if content_words < 50 else 2
+    out = [(p, c) for p, c in counts.items()
+           if c >= min_count and sum(ch.isalpha() for ch in p) >= 3]
+    out.sort(key=lambda pc: (-pc[1], pc[0]))
+    return out
+
+
+def fold_contained(ranked: list, k: int) -> list:
+    kept: list = []
+    for c in ranked:
+        if any(c["phrase"] != q["phrase"] and f" {c['phrase']} " in f" {q['phrase']} " for q in kept):
+            continue
+        kept.append(c)
+        if len(kept) == k:
+            break
+    return kept
+
+
+def concepts_by_embedding(text: str, vectors: np.ndarray, k: int = 10) -> list:
+    if len(vectors) == 0:
+        return []
+    centroid = vectors.sum(axis=0)
+    cands = candidates(text)[:CANDIDATES]
+    if not cands:
+        return []
+    tok = _tokenizer()
+    seqs = [tok.encode(p, add_special_tokens=False).ids[:MAX_TOKENS - 2] for p, _ in cands]
+    vecs, _ = embed(seqs)
+    cn = float(np.linalg.norm(centroid))
+    ranked = []
+    for (phrase, count), v in zip(cands, vecs):
+        vn = float(np.linalg.norm(v))
+        cos = float(np.dot(centroid, v)) / (cn * vn) if cn and vn else 0.0
+        ranked.append({"phrase": phrase, "score": round(max(cos, 0.0), 3), "count": count})
+    ranked.sort(key=lambda c: (-c["score"], c["phrase"]))
+    return fold_contained(ranked, k)
+
+
+def sentences(text: str) -> list:
+    out, cur = [], []
+
+    def push():
+        s = " ".join("".join(cur).split())
+        cur.clear()
+        letters = sum(c.isalpha() for c in s)
+        if 40 <= len(s) <= 400 and letters * 2 > len(s):
+            out.append(s)
+
+    n = len(text)
+    for i, ch in enumerate(text):
+        nxt = text[i + 1] if i + 1 < n else ""
+        if ch == "\n" and nxt == "\n":
+            push()
+            continue
+        cur.append(" " if ch == "\n" else ch)
+        if ch in ".!?" and nxt.isspace():
+            push()
+    push()
+    return out
+
+
+def _pick_sentences(chunks: list, cands: list, concepts: list, n: int) -> list:
+    key_words = {w for c in concepts for w in c["phrase"].split(" ")}
+    seen, scored = set(), []
+    for ci in cands:
+        for si, s in enumerate(sentences(chunks[ci])):
+            if s in seen:
+                continue
+            seen.add(s)
+            words = phrase_tokens(s)
+            hits = sum(1 for w in words if w is not None and w in key_words)
+            scored.append((ci, si, hits / max(len(words) ** 0.5, 1.0), s))
+    scored.sort(key=lambda x: -x[2])
+    scored = sorted(scored[:n], key=lambda x: (x[0], x[1]))
+    return [s for _, _, _, s in scored]
+
+
+def summary(chunks: list, vectors: np.ndarray, concepts: list, n: int = 3) -> list:
+    if not chunks:
+        return []
+    cands = list(range(len(chunks)))
+    if len(vectors) == len(chunks):
+        centroid = vectors.sum(axis=0)
+        cn = float(np.linalg.norm(centroid)) or 1.0
+        sims = vectors @ centroid / (np.maximum(np.linalg.norm(vectors, axis=1), 1e-12) * cn)
+        cands.sort(key=lambda i: -sims[i])
+        cands = cands[:max(3, len(chunks) // 5)]
+    picked = _pick_sentences(chunks, cands, concepts, n)
+    if not picked and len(cands) < len(chunks):
+        return _pick_sentences(chunks, list(range(len(chunks))), concepts, n)
+    return picked
+
+
 # ---------------------------------------------------------------- task
 
 def ingest_bytes(file_ref: str, data: bytes, read_ms: float = 0.0) -> dict:
@@ -294,16 +445,22 @@ def ingest_bytes(file_ref: str, data: bytes, read_ms: float = 0.0) -> dict:
     chunk_ms = ms(t)
     t = time.perf_counter()
     stats = None
+    vectors = np.zeros((0, DIM), dtype=np.float32)
     if chunks:
-        _, stats = embed([c["ids"] for c in chunks])
+        vectors, stats = embed([c["ids"] for c in chunks])
     embed_ms = ms(t)
+    t = time.perf_counter()
+    concepts = concepts_by_embedding("\n\n".join(pages), vectors, 10)
+    summ = summary([c["text"] for c in chunks], vectors, concepts, 3)
+    summarize_ms = ms(t)
     return {
         "sha256": hashlib.sha256(data).hexdigest(), "file_ref": file_ref, "bytes": len(data),
         "backend": "pypdfium2", "pages": len(pages), "chars": chars,
         "needs_ocr": bool(needs_ocr), "needs_ocr_pages": needs_ocr, "chunks": len(chunks),
         "embedding_model": "all-MiniLM-L6-v2", "embedding_dim": DIM, "embed_stats": stats,
+        "concepts": concepts, "summary": summ,
         "timings": {"read_ms": read_ms, "extract_ms": extract_ms, "clean_ms": clean_ms,
-                    "chunk_ms": chunk_ms, "embed_ms": embed_ms,
+                    "chunk_ms": chunk_ms, "embed_ms": embed_ms, "summarize_ms": summarize_ms,
                     "total_ms": round(read_ms + (time.perf_counter() - t0) * 1000, 2)},
     }
 
