@@ -696,8 +696,9 @@ def render(args, meta, data, cmdline) -> str:
              f"onnxruntime {meta['onnxruntime']}, tokenizers {meta['tokenizers']}, pypdfium2 {meta['pypdfium2']}  ")
     L.append(f"Pools: tori `{getattr(args, 'tori_pool', 'prefork')} -c 2`, Python "
              f"`{getattr(args, 'py_pool', 'prefork')} -c 2`, each at its own defaults otherwise (Celery: prefetch multiplier 4, "
-             f"mingle/gossip/heartbeat on; tori: prefetch 1). Repeats: {args.repeat}, sides alternating "
-             f"(odd repeats Python first). Cells: median (min–max).\n")
+             f"mingle/gossip/heartbeat on; tori: prefetch multiplier 4, the same default). Repeats: {args.repeat}, sides alternating "
+             f"(odd repeats Python first). Cells: median (min–max)."
+             + (f" Extra tori flags: `{args.tori_args}`." if getattr(args, "tori_args", "") else "") + "\n")
 
     d = data.get("drain", {})
     if d:
