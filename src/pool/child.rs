@@ -8,11 +8,11 @@
 use std::fs::File;
 use std::io::{BufReader, Write};
 use std::panic::AssertUnwindSafe;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use tasks::{CancelFlag, ProgressSink, Registry, TaskContext, TaskError};
 
-use super::ipc::{read_frame, write_frame, FromChild, JobSpec, ToChild};
+use super::ipc::{read_frame, write_frame, FromChild, ToChild};
 use super::threads::panic_message;
 
 /// Frames to the parent; shared by the job loop and progress reports.
@@ -51,39 +51,31 @@ pub fn run_child(registry: Registry) -> std::io::Result<()> {
         pid: std::process::id(),
     });
 
-    let current: Arc<Mutex<Option<Arc<CancelFlag>>>> = Arc::default();
-    let (jobs_tx, jobs_rx) = mpsc::channel::<JobSpec>();
+    // The soft time limit arrives as SIGUSR1 (billiard signals a Python
+    // pool process the same way) and raises the running job's flag; the
+    // handler only stores an atomic. A frame on the pipe would need a
+    // thread reading it while the job runs, and handing every job across
+    // threads cost a wake-up per task. A signal left over from the previous
+    // job is delivered before the read of the next one returns, so the
+    // reset at the start of each job clears it.
+    let cancel = Arc::new(CancelFlag::new());
     {
-        let current = current.clone();
-        std::thread::Builder::new()
-            .name("tori-child-reader".into())
-            .spawn(move || {
-                let mut stdin = BufReader::new(std::io::stdin().lock());
-                while let Ok(Some(frame)) = read_frame::<ToChild>(&mut stdin) {
-                    match frame {
-                        ToChild::Run(job) => {
-                            if jobs_tx.send(job).is_err() {
-                                break;
-                            }
-                        }
-                        ToChild::Cancel => {
-                            if let Some(flag) =
-                                current.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
-                            {
-                                flag.cancel();
-                            }
-                        }
-                    }
-                }
-                // stdin closed: the parent wants us gone (recycling or
-                // shutdown); dropping the sender ends the job loop.
+        let cancel = cancel.clone();
+        // SAFETY: the handler does one atomic store, which is
+        // async-signal-safe, and allocates nothing.
+        #[allow(unsafe_code)]
+        unsafe {
+            signal_hook_registry::register(rustix::process::Signal::USR1.as_raw(), move || {
+                cancel.cancel()
             })?;
+        }
     }
 
     let progress = FrameProgress(outbox.clone());
-    for job in jobs_rx {
-        let cancel = Arc::new(CancelFlag::new());
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel.clone());
+    let mut stdin = BufReader::new(std::io::stdin().lock());
+    // stdin closed: the parent wants us gone (recycling or shutdown).
+    while let Ok(Some(ToChild::Run(job))) = read_frame::<ToChild>(&mut stdin) {
+        cancel.reset();
         let reply = match registry.get(&job.name) {
             None => FromChild::Done(Err(TaskError::failed(tasks::PyException::new(
                 "celery.exceptions",
@@ -106,7 +98,6 @@ pub fn run_child(registry: Registry) -> std::io::Result<()> {
                 }
             }
         };
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         outbox.send(&reply);
     }
     let _ = std::io::stderr().flush();

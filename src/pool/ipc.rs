@@ -21,11 +21,11 @@ pub struct JobSpec {
     pub retries: u32,
 }
 
+/// Parent → child. The soft time limit is not a frame but SIGUSR1 (see
+/// `child`), so the child needs no thread reading its pipe while a job runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToChild {
     Run(JobSpec),
-    /// Soft time limit, memory cap or revoke: ask the task to stop.
-    Cancel,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,13 +46,18 @@ fn too_big(len: usize) -> io::Error {
     )
 }
 
+/// Writes one frame with a single `write` where the pipe takes it whole:
+/// length and body in two writes cost the child a system call per task
+/// and could wake the parent twice.
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
-    let body = serde_json::to_vec(msg)?;
-    if body.len() > MAX_FRAME {
-        return Err(too_big(body.len()));
+    let mut frame = vec![0u8; 4];
+    serde_json::to_writer(&mut frame, msg)?;
+    let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        return Err(too_big(len));
     }
-    w.write_all(&(body.len() as u32).to_be_bytes())?;
-    w.write_all(&body)?;
+    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    w.write_all(&frame)?;
     w.flush()
 }
 
@@ -77,13 +82,13 @@ pub async fn write_frame_async<T: Serialize>(
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
     msg: &T,
 ) -> io::Result<()> {
-    let body = serde_json::to_vec(msg)?;
-    if body.len() > MAX_FRAME {
-        return Err(too_big(body.len()));
+    let mut frame = vec![0u8; 4];
+    serde_json::to_writer(&mut frame, msg)?;
+    let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        return Err(too_big(len));
     }
-    let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
+    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
     w.write_all(&frame).await?;
     w.flush().await
 }

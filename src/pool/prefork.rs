@@ -9,7 +9,7 @@
 //! affected: the parent reports it and starts a replacement.
 //!
 //! One supervisor task per child slot. It owns the child, its pipes, and
-//! the limits of the job it runs: soft limit → `Cancel` frame; hard limit
+//! the limits of the job it runs: soft limit → SIGUSR1; hard limit
 //! or memory cap → SIGKILL; exit or signal → `WorkerLost`. A supervisor
 //! that is respawning still accepts work: the job waits for the new child.
 
@@ -431,7 +431,7 @@ async fn supervise(
     }
 }
 
-/// Runs one job to its end, enforcing the soft limit (Cancel frame), the
+/// Runs one job to its end, enforcing the soft limit (SIGUSR1), the
 /// hard limit and the memory cap (SIGKILL), and noticing the child's death.
 async fn watch_job(
     cfg: &PreforkConfig,
@@ -474,8 +474,8 @@ async fn watch_job(
             },
             _ = sleep_until(soft_at), if !soft_sent => {
                 soft_sent = true;
-                if let Some(stdin) = running.stdin.as_mut() {
-                    let _ = write_frame_async(stdin, &ToChild::Cancel).await;
+                if let Some(pid) = rustix::process::Pid::from_raw(running.pid as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::USR1);
                 }
             }
             _ = sleep_until(hard_at) => {
