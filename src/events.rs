@@ -363,16 +363,6 @@ pub fn loadavg() -> [f64; 3] {
     out
 }
 
-/// Builds a field map from pairs.
-#[macro_export]
-macro_rules! fields {
-    ($($k:expr => $v:expr),* $(,)?) => {{
-        let mut m = serde_json::Map::new();
-        $( m.insert($k.to_string(), serde_json::json!($v)); )*
-        m
-    }};
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,11 +376,16 @@ mod tests {
         assert_eq!(c.adjust(3), 12);
     }
 
-    #[test]
-    fn task_event_text_has_celery_field_order_and_types() {
+    /// Events for node `node` on a link that is never connected.
+    fn offline_events(node: &str) -> Events {
         let link =
             RedisLink::open("redis://127.0.0.1:1/0", "test", Duration::from_secs(1)).unwrap();
-        let events = Events::new(link, "w@h\u{e9}", "", true);
+        Events::new(link, node, "", true)
+    }
+
+    #[test]
+    fn task_event_text_has_celery_field_order_and_types() {
+        let events = offline_events("w@h\u{e9}");
         let text = events.task_event_text("task-received", |ev| {
             ev.field("uuid", "id-1")
                 .field("args", "(1, 'x')")
@@ -459,9 +454,7 @@ mod tests {
 
     #[test]
     fn event_envelope_matches_celery_shape() {
-        let link =
-            RedisLink::open("redis://127.0.0.1:1/0", "test", Duration::from_secs(1)).unwrap();
-        let events = Events::new(link, "w@h", "", true);
+        let events = offline_events("w@h");
         let ev = events.event("worker-heartbeat", worker_fields(2.0, 0, 0));
         let keys: Vec<&str> = ev.keys().map(String::as_str).collect();
         assert_eq!(

@@ -46,10 +46,10 @@ fn too_big(len: usize) -> io::Error {
     )
 }
 
-/// Writes one frame with a single `write` where the pipe takes it whole:
-/// length and body in two writes cost the child a system call per task
-/// and could wake the parent twice.
-pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
+/// Length prefix and body in one buffer, so a frame goes out in a single
+/// `write` where the pipe takes it whole: two writes cost the child a
+/// system call per task and could wake the parent twice.
+fn encode_frame<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
     let mut frame = vec![0u8; 4];
     serde_json::to_writer(&mut frame, msg)?;
     let len = frame.len() - 4;
@@ -57,7 +57,11 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> 
         return Err(too_big(len));
     }
     frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    w.write_all(&frame)?;
+    Ok(frame)
+}
+
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
+    w.write_all(&encode_frame(msg)?)?;
     w.flush()
 }
 
@@ -82,14 +86,7 @@ pub async fn write_frame_async<T: Serialize>(
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
     msg: &T,
 ) -> io::Result<()> {
-    let mut frame = vec![0u8; 4];
-    serde_json::to_writer(&mut frame, msg)?;
-    let len = frame.len() - 4;
-    if len > MAX_FRAME {
-        return Err(too_big(len));
-    }
-    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    w.write_all(&frame).await?;
+    w.write_all(&encode_frame(msg)?).await?;
     w.flush().await
 }
 

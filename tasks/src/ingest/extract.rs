@@ -29,6 +29,17 @@ pub struct Extracted {
     pub warnings: Vec<String>,
 }
 
+impl Extracted {
+    /// A result of `backend` with room for `pages` pages and nothing in it.
+    fn empty(backend: &'static str, pages: usize) -> Self {
+        Self {
+            backend,
+            pages: Vec::with_capacity(pages),
+            ..Self::default()
+        }
+    }
+}
+
 /// Why a document yielded no text. Each variant is a specific, stable
 /// reason that the task reports as its FAILURE.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -63,6 +74,20 @@ pub struct ExtractLimits {
 impl Default for ExtractLimits {
     fn default() -> Self {
         Self { max_pages: 5000 }
+    }
+}
+
+impl ExtractLimits {
+    /// Refuses a document with more pages than allowed, before any page
+    /// is read (every backend asks this first).
+    fn check_pages(&self, pages: usize) -> Result<(), ExtractError> {
+        if pages > self.max_pages {
+            return Err(ExtractError::TooManyPages {
+                pages,
+                max: self.max_pages,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -190,12 +215,7 @@ impl Extractor for PdfiumExtractor {
             .map_err(map_open_error)?;
         let pages = doc.pages();
         let total = pages.len() as usize;
-        if total > limits.max_pages {
-            return Err(ExtractError::TooManyPages {
-                pages: total,
-                max: limits.max_pages,
-            });
-        }
+        limits.check_pages(total)?;
         let meta = doc.metadata();
         let tag = |t: PdfDocumentMetadataTagType| {
             meta.get(t)
@@ -203,11 +223,9 @@ impl Extractor for PdfiumExtractor {
                 .filter(|v| !v.is_empty())
         };
         let mut out = Extracted {
-            backend: self.name(),
-            pages: Vec::with_capacity(total),
             title: tag(PdfDocumentMetadataTagType::Title),
             author: tag(PdfDocumentMetadataTagType::Author),
-            warnings: Vec::new(),
+            ..Extracted::empty(self.name(), total)
         };
         collect_pages(&mut out, total, on_page, |index| {
             match pages.get(index as PdfPageIndex) {
@@ -289,17 +307,8 @@ impl Extractor for OxideExtractor {
         // `from_bytes` tries the empty user password itself; a document
         // that still needs one is refused by the first page read.
         let total = doc.page_count().map_err(map_oxide_error)?;
-        if total > limits.max_pages {
-            return Err(ExtractError::TooManyPages {
-                pages: total,
-                max: limits.max_pages,
-            });
-        }
-        let mut out = Extracted {
-            backend: self.name(),
-            pages: Vec::with_capacity(total),
-            ..Extracted::default()
-        };
+        limits.check_pages(total)?;
+        let mut out = Extracted::empty(self.name(), total);
         collect_pages(&mut out, total, on_page, |index| {
             doc.extract_text(index).map_err(|e| match e {
                 pdf_oxide::Error::EncryptedPdf => PageProblem::Stop(ExtractError::PasswordRequired),
@@ -437,17 +446,8 @@ impl Extractor for PdfExtractExtractor {
             })?
             .map_err(|e| ExtractError::Malformed(format!("pdf-extract: {e}")))?;
         let total = pages.len();
-        if total > limits.max_pages {
-            return Err(ExtractError::TooManyPages {
-                pages: total,
-                max: limits.max_pages,
-            });
-        }
-        let mut out = Extracted {
-            backend: self.name(),
-            pages: Vec::with_capacity(total),
-            ..Extracted::default()
-        };
+        limits.check_pages(total)?;
+        let mut out = Extracted::empty(self.name(), total);
         let mut pages = pages.into_iter();
         collect_pages(&mut out, total, on_page, |_| {
             Ok(pages.next().unwrap_or_default())
