@@ -38,7 +38,10 @@ on both sides, each side otherwise at its defaults). Cases:
       Celery client, sequentially; p50/p95/p99.
   (c) RSS and PSS (/proc/<pid>/smaps_rollup, summed over the worker tree):
       idle (warm), after the drain, after one pdf_ingestion (model loaded
-      in one pool process) and after the PDF run (loaded in both).
+      in one pool process) and after the PDF run (loaded in both); the
+      last two SETTLE_S after the last result, on both sides, so they show
+      what a worker holds between jobs (tori gives its inference arena
+      back once idle; Python's stays at its peak either way).
   (d) PDF ingestion of --pdfs small born-digital files of the shared corpus
       (MANIFEST.tsv): tori-worker's `pdf_ingestion` vs the same pipeline in
       Python (benches/pypipeline.py: pypdfium2 with the same libpdfium,
@@ -483,6 +486,10 @@ def pick_pdfs(n: int) -> list[dict]:
     return [rows[int(i * step)] for i in range(n)]
 
 
+# Seconds between a PDF run's last result and reading the worker's memory.
+SETTLE_S = 1.0
+
+
 def pdf_case(side, srv: RedisServer, msgs: Messages, pdfs: list[dict], logdir: Path):
     r = srv.r
     r.flushall()
@@ -495,6 +502,7 @@ def pdf_case(side, srv: RedisServer, msgs: Messages, pdfs: list[dict], logdir: P
         first = wait_results(r, [tid], 600, worker=w)[tid]
         if first["status"] != "SUCCESS":
             raise RuntimeError(f"{side} pdf_ingestion failed: {first.get('result')}")
+        time.sleep(SETTLE_S)
         mem_one = tree_mem_kib(w.pid)
         # load the model in every pool process before timing
         warm = [msgs.make("pdf_ingestion", args=[smallest]) for _ in range(3)]
@@ -509,6 +517,7 @@ def pdf_case(side, srv: RedisServer, msgs: Messages, pdfs: list[dict], logdir: P
         res = wait_results(r, [t for t, _ in jobs], 3600, worker=w)
         secs = time.monotonic() - t0
         cpu1 = tree_cpu_us(w.pid)
+        time.sleep(SETTLE_S)
         mem_loaded = tree_mem_kib(w.pid)
         ok = [d["result"] for d in res.values() if d["status"] == "SUCCESS"]
         failed = len(res) - len(ok)
@@ -760,10 +769,10 @@ def render(args, meta, data, cmdline) -> str:
                          [x["mem_after_drain"] for x in runs["python"]]))
     pdf = data.get("pdf", {})
     if pdf:
-        mem_rows.append(("after one pdf_ingestion (model in 1 process)",
+        mem_rows.append((f"{SETTLE_S:g} s after one pdf_ingestion (model in 1 process)",
                          [x["mem_after_one_pdf"] for x in pdf["tori"]],
                          [x["mem_after_one_pdf"] for x in pdf["python"]]))
-        mem_rows.append(("after the PDF run (model in both processes)",
+        mem_rows.append((f"{SETTLE_S:g} s after the PDF run (model in both processes)",
                          [x["mem_model_loaded_all"] for x in pdf["tori"]],
                          [x["mem_model_loaded_all"] for x in pdf["python"]]))
     if mem_rows:

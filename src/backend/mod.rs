@@ -9,6 +9,8 @@ use chrono::Utc;
 use redis::{RedisError, Script};
 use serde_json::Value;
 
+pub mod chord;
+
 use crate::protocol::{State, StateDoc};
 use crate::redis_link::RedisLink;
 

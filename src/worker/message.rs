@@ -128,19 +128,37 @@ fn epoch() -> f64 {
 /// Stores REVOKED and sends `task-revoked`.
 pub(crate) async fn store_revoked(
     ctx: &Ctx,
-    task_id: &str,
+    msg: &TaskMessage,
     tag: &str,
     reason: &str,
     signum: Option<i32>,
     expired: bool,
 ) {
+    let task_id = &msg.id;
     let terminated = signum.is_some();
     let doc = StateDoc::new(
         task_id,
         State::Revoked,
         exception_value("celery.exceptions", "TaskRevokedError", &[json!(reason)]),
     );
-    store_then_ack(ctx, &doc, tag).await;
+    match &msg.chord {
+        None => store_then_ack(ctx, &doc, tag).await,
+        // A revoked chord header still counts: Celery fails the chord
+        // (ChordError) rather than leave its body waiting forever.
+        Some(body) => {
+            if let Err(e) = ctx.backend.store(&doc).await {
+                tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");
+                return;
+            }
+            let queue = ctx
+                .inflight
+                .view(tag, |e| e.queue.clone())
+                .or_else(|| ctx.cfg.queues.first().cloned())
+                .unwrap_or_else(|| "celery".into());
+            super::chord::part_return(ctx, msg, &queue, &doc, body).await;
+            ack(ctx, tag).await;
+        }
+    }
     let name = ctx
         .inflight
         .view(tag, |e| e.task_name.clone())
@@ -220,7 +238,7 @@ async fn life(
     });
     if ctx.revoked.contains(&msg.id) {
         tracing::warn!("task was revoked; discarding it");
-        store_revoked(ctx, &msg.id, tag, "revoked", None, false).await;
+        store_revoked(ctx, &msg, tag, "revoked", None, false).await;
         return;
     }
 
@@ -294,7 +312,7 @@ async fn life(
                 return;
             }
             if ctx.revoked.contains(&msg.id) {
-                store_revoked(ctx, &msg.id, tag, "revoked", None, false).await;
+                store_revoked(ctx, &msg, tag, "revoked", None, false).await;
                 return;
             }
             return run(ctx, delivery, tag, msg, task, None).await;
@@ -308,7 +326,7 @@ async fn revoke_if_expired(ctx: &Ctx, msg: &TaskMessage, tag: &str) -> bool {
     match msg.expires {
         Some(expires) if expires <= Utc::now() => {
             tracing::warn!(%expires, "task expired before it could run; storing REVOKED");
-            store_revoked(ctx, &msg.id, tag, "expired", None, true).await;
+            store_revoked(ctx, msg, tag, "expired", None, true).await;
             true
         }
         _ => false,
@@ -345,7 +363,7 @@ async fn run(
         _ = ctx.stopped() => return, // still Reserved: shutdown puts it back
     };
     if ctx.revoked.contains(&msg.id) {
-        store_revoked(ctx, &msg.id, tag, "revoked", None, false).await;
+        store_revoked(ctx, &msg, tag, "revoked", None, false).await;
         return;
     }
     if !ctx.inflight.advance(tag, Phase::Active) {

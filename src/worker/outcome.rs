@@ -3,7 +3,8 @@
 //! Order matters and follows Celery: workflow messages (retry republish,
 //! chain links, callbacks) are published before the state is stored, and
 //! the message is acked last — a crash in between re-runs the task rather
-//! than losing its continuation.
+//! than losing its continuation. A chord header's result is counted in its
+//! chord right after it is stored (`chord.rs`).
 
 use std::time::Duration;
 
@@ -105,7 +106,7 @@ pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
                 .unwrap_or(15);
             return super::message::store_revoked(
                 ctx,
-                &f.msg.id,
+                f.msg,
                 f.tag,
                 "terminated",
                 Some(signum),
@@ -240,9 +241,6 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             }
         }
     }
-    if let Some(body) = &f.msg.chord {
-        break_chord(ctx, f, body).await;
-    }
     let shown = truncate(&py_repr(&value), 200);
     tracing::info!(runtime = secs, result = %shown, "task succeeded");
     ctx.metrics.count(&f.msg.task, "succeeded");
@@ -260,33 +258,6 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
     let mut doc = f.doc(ctx, State::Success, value);
     doc.children = Some(children);
     finish_with(ctx, f, &doc).await;
-}
-
-/// Chord counting (SPEC §3.7) is not implemented yet. Rather than leave
-/// the chord's caller waiting forever, its body gets a FAILURE that says
-/// why.
-async fn break_chord(ctx: &Ctx, f: &Finish<'_>, body: &Value) {
-    let Some(body_id) = body
-        .get("options")
-        .and_then(|o| o.get("task_id"))
-        .and_then(Value::as_str)
-    else {
-        return;
-    };
-    let message = format!(
-        "tori-worker cannot complete chords yet: header task {}[{}] ran, but the chord body was \
-         not called. Run chords on Python workers for now.",
-        f.msg.task, f.msg.id
-    );
-    tracing::error!(chord_body = body_id, "chord header task: chord bodies are not supported; storing FAILURE ChordError for the body");
-    let doc = StateDoc::new(
-        body_id,
-        State::Failure,
-        exception_value("celery.exceptions", "ChordError", &[json!(message)]),
-    );
-    if let Err(e) = ctx.backend.store(&doc).await {
-        tracing::error!(error = %e, "could not store the chord body FAILURE");
-    }
 }
 
 async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<String>, secs: f64) {
@@ -334,12 +305,25 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
     finish_with(ctx, f, &doc).await;
 }
 
-/// Stores the final document, then acks if acking late.
+/// Stores the final document, counts it in its chord if it is a chord
+/// header, then acks if acking late (so a crash before the count re-runs
+/// the task rather than stranding the chord).
 async fn finish_with(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
+    let Some(body) = &f.msg.chord else {
+        if f.acks_late {
+            store_then_ack(ctx, doc, f.tag).await;
+        } else if let Err(e) = ctx.backend.store(doc).await {
+            tracing::error!(error = %e, "could not store the result");
+        }
+        return;
+    };
+    if let Err(e) = ctx.backend.store(doc).await {
+        tracing::error!(error = %e, "could not store the result; the chord part is not counted");
+        return;
+    }
+    super::chord::part_return(ctx, f.msg, &f.delivery.queue, doc, body).await;
     if f.acks_late {
-        store_then_ack(ctx, doc, f.tag).await;
-    } else if let Err(e) = ctx.backend.store(doc).await {
-        tracing::error!(error = %e, "could not store the result");
+        ack(ctx, f.tag).await;
     }
 }
 

@@ -13,16 +13,19 @@
 //! shared by every process on the host. Activations live in ONNX
 //! Runtime's CPU arena while a document is embedded (turning the arena
 //! off halved throughput here: every batch then page-faults fresh memory)
-//! and the arena is shrunk by the last batch of each call, so an idle
-//! process keeps ~30 MB private instead of the peak of its largest
-//! document. Batches are small (2048 padded tokens, 8 full-length
+//! and the arena is given back once the process has not embedded anything
+//! for [`RELEASE_AFTER`], so an idle process keeps ~30 MB private instead
+//! of the peak of its largest document. Shrinking after every call instead
+//! made each document start by page-faulting its arena back in, which cost
+//! 5-10 % of the embedding stage on a busy worker. Batches are small (2048 padded tokens, 8 full-length
 //! sequences): as fast as 32 on this model and a quarter of the peak.
 //! Without the optimized file it falls back to `model.onnx` (private
 //! weights; logged).
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, Once, OnceLock};
+use std::time::{Duration, Instant};
 
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
@@ -47,6 +50,10 @@ const MAX_BATCH_TOKENS: usize = 8 * MAX_TOKENS;
 /// a cap of 8 they took eight calls where one does, and per-call overhead
 /// made ranking 60 candidates cost ~40 ms per document.
 const MAX_BATCH_SEQS: usize = 64;
+/// How long the embedder must go unused before its arena is given back.
+/// Back-to-back documents are a pipe round trip apart, so a busy process
+/// keeps its arena; an idle one is small a moment after its last job.
+pub const RELEASE_AFTER: Duration = Duration::from_millis(250);
 
 /// The process's tokenizer and ONNX session.
 pub struct Embedder {
@@ -56,6 +63,72 @@ pub struct Embedder {
     tokenizer: Tokenizer,
     cls: u32,
     sep: u32,
+    usage: Usage,
+}
+
+/// When the embedder was last busy, for giving its arena back when idle.
+#[derive(Default)]
+struct Usage {
+    state: Mutex<UsageState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct UsageState {
+    /// `embed_ids` calls running now.
+    active: usize,
+    /// End of the last call, if the arena may have grown since the last
+    /// release.
+    last_end: Option<Instant>,
+}
+
+impl Usage {
+    fn lock(&self) -> MutexGuard<'_, UsageState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn begin(&self) -> UsageGuard<'_> {
+        self.lock().active += 1;
+        UsageGuard(self)
+    }
+
+    /// Blocks until the embedder has been idle for [`RELEASE_AFTER`] since
+    /// it was last used, then marks the arena released.
+    fn wait_until_idle(&self) {
+        let mut st = self.lock();
+        loop {
+            match st.last_end {
+                Some(end) if st.active == 0 => {
+                    let now = Instant::now();
+                    let due = end + RELEASE_AFTER;
+                    if now >= due {
+                        st.last_end = None;
+                        return;
+                    }
+                    st = self
+                        .changed
+                        .wait_timeout(st, due - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                _ => st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+/// Marks one `embed_ids` call as running until dropped (errors and
+/// panics included).
+struct UsageGuard<'a>(&'a Usage);
+
+impl Drop for UsageGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.active -= 1;
+        st.last_end = Some(Instant::now());
+        drop(st);
+        self.0.changed.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Embedder {
@@ -84,10 +157,34 @@ impl Embedder {
     /// the model on first call. Later calls return the same instance (the
     /// `files` of the first call win).
     pub fn global(files: &NativeFiles) -> Result<&'static Embedder, String> {
-        EMBEDDER
+        let embedder = EMBEDDER
             .get_or_init(|| Self::load(files))
             .as_ref()
-            .map_err(Clone::clone)
+            .map_err(Clone::clone)?;
+        static RELEASER: Once = Once::new();
+        RELEASER.call_once(|| {
+            let spawned = std::thread::Builder::new()
+                .name("embed-arena-release".into())
+                .spawn(move || embedder.release_when_idle());
+            if let Err(e) = spawned {
+                // Only memory is at stake: the arena then keeps its peak.
+                eprintln!("tori-worker: no arena release thread: {e}");
+            }
+        });
+        Ok(embedder)
+    }
+
+    /// Gives ONNX Runtime's arena back each time the embedder goes idle.
+    /// ONNX Runtime shrinks only at the end of a run, so this runs the
+    /// smallest possible batch (`[CLS] [SEP]`, well under a millisecond)
+    /// with shrinkage on.
+    fn release_when_idle(&self) {
+        loop {
+            self.usage.wait_until_idle();
+            if let Err(e) = self.run_batch(&[&[self.cls, self.sep]], true) {
+                eprintln!("tori-worker: releasing the embedding arena failed: {e}");
+            }
+        }
     }
 
     fn load(files: &NativeFiles) -> Result<Embedder, String> {
@@ -132,6 +229,7 @@ impl Embedder {
             tokenizer,
             cls,
             sep,
+            usage: Usage::default(),
         })
     }
 
@@ -181,6 +279,7 @@ impl Embedder {
         seqs: &[Vec<u32>],
         keep_going: &mut dyn FnMut() -> bool,
     ) -> Result<(Vec<Vec<f32>>, EmbedStats), String> {
+        let _busy = self.usage.begin();
         let mut stats = EmbedStats {
             sequences: seqs.len(),
             ..EmbedStats::default()
@@ -221,7 +320,7 @@ impl Embedder {
                 .iter()
                 .map(|&i| unique[i].as_slice())
                 .collect();
-            let out = self.run_batch(&batch, end == order.len())?;
+            let out = self.run_batch(&batch, false)?;
             stats.batches += 1;
             stats.padded_tokens += batch.len() * batch.iter().map(|b| b.len()).max().unwrap_or(0);
             stats.tokens += batch.iter().map(|b| b.len()).sum::<usize>();
@@ -233,9 +332,9 @@ impl Embedder {
         Ok((slots.iter().map(|&s| vectors[s].clone()).collect(), stats))
     }
 
-    /// Runs one padded batch and pools it; `last`: shrink the arena
-    /// afterwards (the call's other batches reuse it).
-    fn run_batch(&self, batch: &[&[u32]], last: bool) -> Result<Vec<Vec<f32>>, String> {
+    /// Runs one padded batch and pools it; `shrink`: give the arena's
+    /// unused memory back afterwards.
+    fn run_batch(&self, batch: &[&[u32]], shrink: bool) -> Result<Vec<Vec<f32>>, String> {
         let b = batch.len();
         let s = batch.iter().map(|x| x.len()).max().unwrap_or(0);
         let mut ids = vec![0i64; b * s];
@@ -256,7 +355,7 @@ impl Embedder {
         ];
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let mut options = RunOptions::new().map_err(|e| format!("run options: {e}"))?;
-        if last {
+        if shrink {
             options
                 .set("memory.enable_memory_arena_shrinkage", "cpu:0")
                 .map_err(|e| format!("run options: {e}"))?;

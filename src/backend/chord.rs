@@ -1,0 +1,230 @@
+//! Chord counting in the Redis result backend (SPEC §3.7), the way Celery
+//! 5.7's Redis backend counts, so Python and Rust workers can finish the
+//! header tasks of one chord between them.
+//!
+//! Every header task, once its own result is stored, adds
+//! `[1, task_id, state, result]` to the sorted set `<gid>.j` (score: its
+//! place in the group) in one script that also dedupes redeliveries
+//! (`<gid>.d`) and, when the set is full, lets exactly one worker claim the
+//! chord (`SET <gid>.c <token> NX`). The claimer reads the results, calls
+//! the body, then marks the chord done so a late redelivery cannot call
+//! it again.
+//!
+//! Knows keys, scripts and member documents; what to do with the results
+//! (publish the body, or fail it) is the caller's.
+
+use std::sync::LazyLock;
+
+use redis::{RedisError, Script};
+use serde_json::Value;
+
+use super::ResultBackend;
+
+/// How long a claim holds before another worker may take the chord over
+/// (Celery uses a few seconds; publishing the body takes milliseconds).
+const CLAIM_SECS: u64 = 10;
+/// Celery's `result_chord_join_timeout`-independent key lifetime for the
+/// counting keys (its default `result_expires`, one day).
+const CHORD_EXPIRES_SECS: u64 = 86_400;
+
+/// Records one header result and says whether the chord is complete.
+///
+/// KEYS: .j .t .s .d <group key> .c
+/// ARGV: task id, member, group index (or +inf), key expiry, claim
+/// seconds, token.
+/// Returns {ready, totaldiff, size, claimed}; ready = -1 when the chord
+/// was already called.
+static PART_RETURN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[6]) == 'done' then return {-1, 0, 0, 0} end
+local mark = ARGV[1] .. ':' .. ARGV[3]
+if redis.call('SISMEMBER', KEYS[4], mark) == 0 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  redis.call('SADD', KEYS[4], mark)
+end
+local ready = redis.call('ZCOUNT', KEYS[1], '-inf', '+inf')
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+local t = redis.call('GET', KEYS[2])
+local s = redis.call('GET', KEYS[3])
+local total = (t and tonumber(t)) or 0
+local size = (s and tonumber(s)) or 0
+local claimed = 0
+if size > 0 and ready == size + total then
+  if redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[5]) then claimed = 1 end
+end
+return {ready, total, size, claimed}
+"#,
+    )
+});
+
+/// Forgets the counting keys and marks the chord done, if we still hold
+/// the claim.
+///
+/// KEYS: .c .j .t .s .d. ARGV: token, seconds to remember "done".
+static FINISHED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// One header result as the chord's join set holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordMember {
+    pub task_id: String,
+    pub state: String,
+    pub result: Value,
+}
+
+/// What recording a header result led to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChordCount {
+    /// Results so far and the chord's size (0: the client has not written
+    /// it yet; the last header to finish will see it).
+    Waiting { ready: i64, size: i64 },
+    /// Complete, and this worker holds the claim: call the body with
+    /// `members` (in group order), then [`ResultBackend::chord_finished`].
+    Claimed {
+        token: String,
+        members: Vec<ChordMember>,
+    },
+    /// Complete, but another worker claimed it first.
+    ClaimedElsewhere,
+    /// The body was already called (a redelivered header).
+    AlreadyDone,
+}
+
+impl ResultBackend {
+    fn chord_key(&self, group_id: &str, suffix: &str) -> String {
+        format!("{}celery-taskset-meta-{group_id}{suffix}", self.key_prefix)
+    }
+
+    /// Records a header task's final state (`member` is
+    /// `[1, task_id, state, result]` as Python's json.dumps writes it),
+    /// retrying while Redis is away: a lost count would strand the chord.
+    pub async fn chord_part_return(
+        &self,
+        group_id: &str,
+        task_id: &str,
+        group_index: Option<i64>,
+        member: &str,
+    ) -> Result<ChordCount, RedisError> {
+        let keys: Vec<String> = [".j", ".t", ".s", ".d", "", ".c"]
+            .iter()
+            .map(|s| self.chord_key(group_id, s))
+            .collect();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        // Celery scores a header without a place in the group last.
+        let score = group_index.map_or_else(|| "+inf".to_owned(), |i| i.to_string());
+        let reply: Vec<i64> = self
+            .link
+            .retry("count chord part", |mut c| {
+                let mut inv = PART_RETURN.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(task_id)
+                    .arg(member)
+                    .arg(&score)
+                    .arg(CHORD_EXPIRES_SECS)
+                    .arg(CLAIM_SECS)
+                    .arg(&token);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let [ready, _total, size, claimed] = reply[..] else {
+            return Err(RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "chord count script returned an unexpected reply",
+            )));
+        };
+        if ready < 0 {
+            return Ok(ChordCount::AlreadyDone);
+        }
+        if claimed == 0 {
+            return Ok(if size > 0 && ready >= size {
+                ChordCount::ClaimedElsewhere
+            } else {
+                ChordCount::Waiting { ready, size }
+            });
+        }
+        let join = &keys[0];
+        let raw: Vec<String> = self
+            .link
+            .retry("read chord results", |mut c| {
+                let cmd = redis::cmd("ZRANGE").arg(join).arg(0).arg(-1).clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        let members = raw
+            .iter()
+            .map(|m| parse_member(m))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "chord join set holds a malformed member",
+                    e,
+                ))
+            })?;
+        Ok(ChordCount::Claimed { token, members })
+    }
+
+    /// The body was called: drop the counting keys and remember the chord
+    /// as done (Celery keeps "done" for twice the claim, at least 300 s).
+    pub async fn chord_finished(&self, group_id: &str, token: &str) -> Result<(), RedisError> {
+        let keys: Vec<String> = [".c", ".j", ".t", ".s", ".d"]
+            .iter()
+            .map(|s| self.chord_key(group_id, s))
+            .collect();
+        let remember = (2 * CLAIM_SECS).max(300);
+        let _: i64 = self
+            .link
+            .retry("finish chord", |mut c| {
+                let mut inv = FINISHED.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(token).arg(remember);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// `[1, task_id, state, result]`.
+fn parse_member(raw: &str) -> Result<ChordMember, String> {
+    let v: Value = serde_json::from_str(raw).map_err(|e| format!("{e}: {raw}"))?;
+    match v.as_array().map(Vec::as_slice) {
+        Some([_, Value::String(id), Value::String(state), result]) => Ok(ChordMember {
+            task_id: id.clone(),
+            state: state.clone(),
+            result: result.clone(),
+        }),
+        _ => Err(format!("not [1, id, state, result]: {raw}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_parse_as_celery_writes_them() {
+        let m =
+            parse_member(r#"[1, "c4673c63-059f-4e1c-b123-16b3a21f9a7a", "SUCCESS", 2]"#).unwrap();
+        assert_eq!(m.task_id, "c4673c63-059f-4e1c-b123-16b3a21f9a7a");
+        assert_eq!(
+            (m.state.as_str(), m.result.clone()),
+            ("SUCCESS", Value::from(2))
+        );
+        assert!(parse_member("[1, 2]").is_err());
+        assert!(parse_member("nope").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Calling a chord's body once its last header task is done (SPEC §3.7):
+//! the counting is the backend's (`backend::chord`); this decides what the
+//! body gets, the way Celery's `on_chord_part_return` does.
+//!
+//! Not supported, and failed loudly rather than guessed: header results
+//! that are themselves groups (Celery restores those from the saved
+//! GroupResult; a header task here returns plain values).
+
+use serde_json::{json, Value};
+use tasks::task::py_repr;
+
+use super::Ctx;
+use crate::backend::chord::{ChordCount, ChordMember};
+use crate::protocol::outgoing::SignatureCall;
+use crate::protocol::result::exception_value;
+use crate::protocol::{pyjson, State, StateDoc, TaskMessage};
+
+/// Counts this header task's final document in its chord and, if it was
+/// the last one, calls the body (or fails it when a header failed).
+/// Returns once every Redis write is done, so the caller may ack.
+/// `queue`: where the header came from, the body's queue unless its
+/// options name one.
+pub(crate) async fn part_return(
+    ctx: &Ctx,
+    msg: &TaskMessage,
+    queue: &str,
+    doc: &StateDoc,
+    body: &Value,
+) {
+    let Some(group_id) = msg.group.as_deref() else {
+        tracing::error!("chord header task without a group id; cannot count it, the chord body will not be called");
+        return;
+    };
+    let member = pyjson::to_string(&json!([1, msg.id, doc.state.as_str(), doc.result]));
+    let count = match ctx
+        .backend
+        .chord_part_return(group_id, &msg.id, msg.group_index, &member)
+        .await
+    {
+        Ok(count) => count,
+        Err(e) => {
+            tracing::error!(error = %e, group_id, "could not count the chord part; the chord body will not be called");
+            return;
+        }
+    };
+    let (token, members) = match count {
+        ChordCount::Waiting { ready, size } => {
+            tracing::debug!(group_id, ready, size, "chord part counted");
+            return;
+        }
+        ChordCount::ClaimedElsewhere => {
+            tracing::debug!(group_id, "chord complete; another worker calls its body");
+            return;
+        }
+        ChordCount::AlreadyDone => {
+            tracing::info!(
+                group_id,
+                "chord body was already called; redelivered header not counted again"
+            );
+            return;
+        }
+        ChordCount::Claimed { token, members } => (token, members),
+    };
+    match join_results(&members) {
+        Ok(results) => call_body(ctx, msg, queue, body, &results).await,
+        Err(message) => fail_body(ctx, body, &message).await,
+    }
+    if let Err(e) = ctx.backend.chord_finished(group_id, &token).await {
+        tracing::error!(error = %e, group_id, "could not mark the chord done");
+    }
+}
+
+/// The header results in group order, or the ChordError message for the
+/// first header that failed (Celery: `Dependency <id> raised <repr>`).
+pub(crate) fn join_results(members: &[ChordMember]) -> Result<Vec<Value>, String> {
+    members
+        .iter()
+        .map(|m| match m.state.as_str() {
+            "FAILURE" | "REVOKED" => Err(format!(
+                "Dependency {} raised {}",
+                m.task_id,
+                exception_repr(&m.result)
+            )),
+            _ => Ok(m.result.clone()),
+        })
+        .collect()
+}
+
+/// `ValueError('boom')` from `{"exc_type": "ValueError", "exc_message": ["boom"], ...}`.
+fn exception_repr(result: &Value) -> String {
+    let name = result
+        .get("exc_type")
+        .and_then(Value::as_str)
+        .unwrap_or("Exception");
+    let args: Vec<String> = match result.get("exc_message") {
+        Some(Value::Array(a)) => a.iter().map(py_repr).collect(),
+        Some(Value::Null) | None => Vec::new(),
+        Some(other) => vec![py_repr(other)],
+    };
+    format!("{name}({})", args.join(", "))
+}
+
+async fn call_body(ctx: &Ctx, msg: &TaskMessage, queue: &str, body: &Value, results: &[Value]) {
+    let results = Value::Array(results.to_vec());
+    let root = msg.root_id.clone().unwrap_or_else(|| msg.id.clone());
+    let call = SignatureCall {
+        signature: body,
+        parent_result: Some(&results),
+        parent_id: &msg.id,
+        root_id: &root,
+        chain: Vec::new(),
+        origin: &ctx.cfg.node_name,
+        default_queue: queue,
+    };
+    let Some((env, route)) = call.build() else {
+        let message = format!(
+            "tori-worker cannot call this chord body (no task name, e.g. a group as body): {body}"
+        );
+        return fail_body(ctx, body, &message).await;
+    };
+    let body_id = env
+        .headers()
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    match ctx
+        .broker
+        .publish(&env, &route.exchange, &route.routing_key)
+        .await
+    {
+        Ok(_) => tracing::info!(chord_body = %body_id, "chord complete; body called"),
+        Err(e) => {
+            let message = format!("could not publish the chord body: {e}");
+            tracing::error!(error = %e, "could not publish the chord body; storing FAILURE ChordError for it");
+            fail_body(ctx, body, &message).await;
+        }
+    }
+}
+
+/// The body gets FAILURE with a ChordError, as Celery's
+/// `chord_error_from_stack` stores it, so `AsyncResult(body).get()` raises
+/// instead of waiting forever.
+async fn fail_body(ctx: &Ctx, body: &Value, message: &str) {
+    let Some(body_id) = body
+        .get("options")
+        .and_then(|o| o.get("task_id"))
+        .and_then(Value::as_str)
+    else {
+        tracing::error!(
+            message,
+            "chord failed and its body has no task id to store the failure under"
+        );
+        return;
+    };
+    tracing::error!(
+        chord_body = body_id,
+        message,
+        "chord failed; storing FAILURE ChordError for its body"
+    );
+    let doc = StateDoc::new(
+        body_id,
+        State::Failure,
+        exception_value("celery.exceptions", "ChordError", &[json!(message)]),
+    );
+    if let Err(e) = ctx.backend.store(&doc).await {
+        tracing::error!(error = %e, "could not store the chord body FAILURE");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, state: &str, result: Value) -> ChordMember {
+        ChordMember {
+            task_id: id.into(),
+            state: state.into(),
+            result,
+        }
+    }
+
+    #[test]
+    fn results_join_in_order() {
+        let got = join_results(&[
+            member("a", "SUCCESS", json!(2)),
+            member("b", "SUCCESS", json!({"k": [1]})),
+        ]);
+        assert_eq!(got, Ok(vec![json!(2), json!({"k": [1]})]));
+    }
+
+    #[test]
+    fn a_failed_header_fails_the_chord_like_celery() {
+        let exc =
+            json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"});
+        let got = join_results(&[
+            member("a", "SUCCESS", json!(2)),
+            member("b", "FAILURE", exc),
+        ]);
+        assert_eq!(got, Err("Dependency b raised ValueError('boom')".into()));
+    }
+}
