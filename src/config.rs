@@ -172,6 +172,14 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "tori.dead_letter")]
     pub dead_letter_key: String,
 
+    /// Queue for the messages this worker publishes whose signature names
+    /// no queue: chain links, callbacks, errbacks, chord bodies (Celery's
+    /// `task_default_queue`). A Python worker routes those with the app's
+    /// `task_routes`, which a Rust worker cannot see, so set `queue=` on
+    /// such signatures when they must go elsewhere.
+    #[arg(long, env = "TORI_DEFAULT_QUEUE", default_value = "celery")]
+    pub default_queue: String,
+
     /// Prefix for every broker key (kombu's `global_keyprefix`).
     #[arg(long, default_value = "")]
     pub key_prefix: String,
@@ -240,6 +248,7 @@ pub struct WorkerConfig {
     pub eta_horizon: Duration,
     pub max_held_eta: usize,
     pub dead_letter_key: String,
+    pub default_queue: String,
     pub key_prefix: String,
     pub soft_shutdown_timeout: Duration,
     pub max_tasks_per_child: Option<u64>,
@@ -360,6 +369,7 @@ impl WorkerArgs {
             eta_horizon: positive(self.eta_horizon, "--eta-horizon")?,
             max_held_eta: self.max_held_eta,
             dead_letter_key: self.dead_letter_key.clone(),
+            default_queue: self.default_queue.clone(),
             key_prefix: self.key_prefix.clone(),
             soft_shutdown_timeout: positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?,
             max_tasks_per_child: self.max_tasks_per_child.filter(|n| *n > 0),

@@ -18,15 +18,9 @@ use crate::protocol::{pyjson, State, StateDoc, TaskMessage};
 /// Counts this header task's final document in its chord and, if it was
 /// the last one, calls the body (or fails it when a header failed).
 /// Returns once every Redis write is done, so the caller may ack.
-/// `queue`: where the header came from, the body's queue unless its
-/// options name one.
-pub(crate) async fn part_return(
-    ctx: &Ctx,
-    msg: &TaskMessage,
-    queue: &str,
-    doc: &StateDoc,
-    body: &Value,
-) {
+/// The body goes to the queue its options name, else `--default-queue`,
+/// as a Python worker without `task_routes` would send it.
+pub(crate) async fn part_return(ctx: &Ctx, msg: &TaskMessage, doc: &StateDoc, body: &Value) {
     let Some(group_id) = msg.group.as_deref() else {
         tracing::error!("chord header task without a group id; cannot count it, the chord body will not be called");
         return;
@@ -62,7 +56,7 @@ pub(crate) async fn part_return(
         ChordCount::Claimed { token, members } => (token, members),
     };
     match join_results(&members) {
-        Ok(results) => call_body(ctx, msg, queue, body, &results).await,
+        Ok(results) => call_body(ctx, msg, body, &results).await,
         Err(message) => fail_body(ctx, body, &message).await,
     }
     if let Err(e) = ctx.backend.chord_finished(group_id, &token).await {
@@ -100,7 +94,7 @@ fn exception_repr(result: &Value) -> String {
     format!("{name}({})", args.join(", "))
 }
 
-async fn call_body(ctx: &Ctx, msg: &TaskMessage, queue: &str, body: &Value, results: &[Value]) {
+async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]) {
     let results = Value::Array(results.to_vec());
     let root = msg.root_id.clone().unwrap_or_else(|| msg.id.clone());
     let call = SignatureCall {
@@ -110,7 +104,7 @@ async fn call_body(ctx: &Ctx, msg: &TaskMessage, queue: &str, body: &Value, resu
         root_id: &root,
         chain: Vec::new(),
         origin: &ctx.cfg.node_name,
-        default_queue: queue,
+        default_queue: &ctx.cfg.default_queue,
     };
     let Some((env, route)) = call.build() else {
         let message = format!(

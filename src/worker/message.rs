@@ -150,12 +150,7 @@ pub(crate) async fn store_revoked(
                 tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");
                 return;
             }
-            let queue = ctx
-                .inflight
-                .view(tag, |e| e.queue.clone())
-                .or_else(|| ctx.cfg.queues.first().cloned())
-                .unwrap_or_else(|| "celery".into());
-            super::chord::part_return(ctx, msg, &queue, &doc, body).await;
+            super::chord::part_return(ctx, msg, &doc, body).await;
             ack(ctx, tag).await;
         }
     }

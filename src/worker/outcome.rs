@@ -216,7 +216,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             root_id: &root,
             chain: rest.clone(),
             origin: &origin,
-            default_queue: &f.delivery.queue,
+            default_queue: &ctx.cfg.default_queue,
         };
         match call.build() {
             Some((env, route)) => {
@@ -276,7 +276,7 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
             root_id: &root,
             chain: Vec::new(),
             origin: &origin,
-            default_queue: &f.delivery.queue,
+            default_queue: &ctx.cfg.default_queue,
         };
         if let Some((env, route)) = call.build() {
             if let Err(e) = ctx
@@ -321,7 +321,7 @@ async fn finish_with(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
         tracing::error!(error = %e, "could not store the result; the chord part is not counted");
         return;
     }
-    super::chord::part_return(ctx, f.msg, &f.delivery.queue, doc, body).await;
+    super::chord::part_return(ctx, f.msg, doc, body).await;
     if f.acks_late {
         ack(ctx, f.tag).await;
     }

@@ -7,7 +7,7 @@ mod common;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tasks::ingest::embed::{Embedder, DIM};
+use tasks::ingest::embed::{Embedder, ModelForm, DIM};
 
 fn fixture() -> Value {
     let path = concat!(
@@ -108,4 +108,23 @@ fn duplicate_sequences_are_embedded_once() {
         .embed_ids(&[vec![1000]], &mut || false)
         .unwrap_err();
     assert_eq!(err, "cancelled");
+}
+
+#[test]
+fn the_packed_model_made_here_is_the_one_in_use() {
+    // setup-native packs the model on this machine; its probe must pass,
+    // so the reference test above ran the packed form.
+    let Some(files) = common::native_or_skip("packed-model test") else {
+        return;
+    };
+    if !files.model_packed_onnx().is_file() {
+        assert_ne!(
+            std::env::var("TORI_REQUIRE_NATIVE").as_deref(),
+            Ok("1"),
+            "model.packed.onnx missing (run scripts/setup-native)"
+        );
+        return;
+    }
+    let embedder = Embedder::global(&files).expect("embedder loads");
+    assert_eq!(embedder.form(), ModelForm::Packed);
 }

@@ -7,6 +7,7 @@ chord.
 from __future__ import annotations
 
 import gc
+import json
 import time
 
 import pytest
@@ -98,6 +99,22 @@ def test_single_header_chord_and_immutable_body(worker_factory, redis_server, ap
     res = chord([app.signature("tori.echo", args=["only"])])(
         app.signature("tori.echo", args=["fixed"], immutable=True))
     assert res.get(timeout=30) == echo_result("fixed")
+
+
+def test_chord_body_goes_to_the_default_queue(worker_factory, redis_server, app, redis_client):
+    # Like a Python worker without task_routes: a body whose signature
+    # names no queue goes to task_default_queue, not the header's queue.
+    url = redis_server.url()
+    worker_factory(url, queues=["headers"])
+    header = [app.signature("tori.echo", args=[i], queue="headers") for i in range(3)]
+    res = chord(header)(app.signature("tori.echo"))
+    wait_for(lambda: redis_client.llen("celery") == 1, 30,
+             message="the chord body never reached the default queue 'celery'")
+    queued = json.loads(redis_client.lindex("celery", 0))
+    assert queued["headers"]["id"] == res.id and queued["headers"]["task"] == "tori.echo"
+    assert redis_client.llen("headers") == 0
+    worker_factory(url)
+    assert res.get(timeout=30) == echo_result([echo_result(i) for i in range(3)])
 
 
 @pytest.mark.interop

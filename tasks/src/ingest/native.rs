@@ -53,6 +53,18 @@ impl NativeFiles {
         self.model_dir.join("model.opt.onnx")
     }
 
+    /// The optimized model with pre-packed weights in its data file, made
+    /// for this machine's CPU (optional; used only if [`Self::probe_json`]
+    /// confirms it).
+    pub fn model_packed_onnx(&self) -> PathBuf {
+        self.model_dir.join("model.packed.onnx")
+    }
+
+    /// A reference embedding from the plain model, to check the packed one.
+    pub fn probe_json(&self) -> PathBuf {
+        self.model_dir.join("probe.json")
+    }
+
     pub fn tokenizer_json(&self) -> PathBuf {
         self.model_dir.join("tokenizer.json")
     }
