@@ -11,7 +11,8 @@
 //! - [`clean`]: unicode normalization, de-hyphenation, header/footer
 //!   removal, whitespace and control characters;
 //! - [`chunk`]: token windows with the model's tokenizer, keeping pages;
-//! - [`embed`]: ONNX Runtime embeddings, mean pooled and L2 normalized;
+//! - [`embed`]: ONNX Runtime embeddings, mean pooled and L2 normalized
+//!   ([`session`]: which model file, one batch through it);
 //! - [`task`]: the `pdf_ingestion` Celery task tying them together.
 
 pub mod artifacts;
@@ -22,6 +23,7 @@ pub mod extract;
 pub mod inflate_guard;
 pub mod native;
 pub mod objects;
+pub mod session;
 pub mod source;
 pub mod summarize;
 pub mod task;
