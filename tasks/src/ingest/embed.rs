@@ -24,8 +24,8 @@ use ort::session::Session;
 use tokenizers::Tokenizer;
 
 use super::native::{self, NativeFiles};
-use super::session::{load_packed, load_unpacked, run_session};
 pub use super::session::ModelForm;
+use super::session::{load_packed, load_unpacked, run_session};
 
 /// The model's maximum sequence length (sentence-transformers' setting),
 /// special tokens included.
