@@ -249,7 +249,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             .field("result", &shown)
             .field("runtime", &secs);
     });
-    if f.ignore_result() {
+    if f.ignore_result() && f.msg.chord.is_none() {
         if f.acks_late {
             ack(ctx, f.tag).await;
         }
@@ -288,7 +288,7 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
             }
         }
     }
-    if f.ignore_result() {
+    if f.ignore_result() && f.msg.chord.is_none() {
         if f.acks_late {
             ack(ctx, f.tag).await;
         }
@@ -305,23 +305,21 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
     finish_with(ctx, f, &doc).await;
 }
 
-/// Stores the final document, counts it in its chord if it is a chord
-/// header, then acks if acking late (so a crash before the count re-runs
-/// the task rather than stranding the chord).
+/// Stores the final document (unless the task ignores its result),
+/// counts it in its chord if it is a chord header (Celery counts a header
+/// whether or not its result is stored), then acks if acking late: a
+/// crash or a failed write before that leaves the message to run again
+/// rather than lose its result or strand the chord.
 async fn finish_with(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
-    let Some(body) = &f.msg.chord else {
-        if f.acks_late {
-            store_then_ack(ctx, doc, f.tag).await;
-        } else if let Err(e) = ctx.backend.store(doc).await {
-            tracing::error!(error = %e, "could not store the result");
+    if !f.ignore_result() {
+        if let Err(e) = ctx.backend.store(doc).await {
+            tracing::error!(error = %e, acks_late = f.acks_late, "could not store the result (a late-acked message stays unacked and runs again)");
+            return;
         }
-        return;
-    };
-    if let Err(e) = ctx.backend.store(doc).await {
-        tracing::error!(error = %e, "could not store the result; the chord part is not counted");
-        return;
     }
-    super::chord::part_return(ctx, f.msg, doc, body).await;
+    if let Some(body) = &f.msg.chord {
+        super::chord::part_return(ctx, f.msg, doc, body).await;
+    }
     if f.acks_late {
         ack(ctx, f.tag).await;
     }

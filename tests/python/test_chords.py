@@ -101,6 +101,20 @@ def test_single_header_chord_and_immutable_body(worker_factory, redis_server, ap
     assert res.get(timeout=30) == echo_result("fixed")
 
 
+def test_header_that_ignores_its_result_still_counts(worker_factory, redis_server, app,
+                                                    redis_client):
+    # Celery counts a header in its chord whether or not it stores the
+    # header's own result; skipping the count would leave the body PENDING.
+    worker_factory(redis_server.url())
+    header = [app.signature("tori.echo", args=[1]).set(ignore_result=True),
+              app.signature("tori.echo", args=[2])]
+    res = chord(header)(app.signature("tori.echo"))
+    body = app.AsyncResult(res.id)
+    assert body.get(timeout=30) == echo_result([echo_result(1), echo_result(2)])
+    ignored_id = res.parent.results[0].id
+    assert redis_client.get(f"celery-task-meta-{ignored_id}") is None
+
+
 def test_chord_body_goes_to_the_default_queue(worker_factory, redis_server, app, redis_client):
     # Like a Python worker without task_routes: a body whose signature
     # names no queue goes to task_default_queue, not the header's queue.
