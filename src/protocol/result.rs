@@ -40,6 +40,27 @@ pub fn exception_value(module: &str, name: &str, args: &[Value]) -> Value {
     json!({"exc_type": name, "exc_message": args, "exc_module": module})
 }
 
+/// The reverse of [`exception_value`], for results read back (chord
+/// headers); `None` when `value` is not an exception dict. A bare
+/// `exc_message` (older Celery) is one argument.
+pub fn exception_from_value(value: &Value) -> Option<tasks::PyException> {
+    let name = value.get("exc_type")?.as_str()?;
+    let module = value
+        .get("exc_module")
+        .and_then(Value::as_str)
+        .unwrap_or("builtins");
+    let args = match value.get("exc_message") {
+        Some(Value::Array(a)) => a.clone(),
+        Some(Value::Null) | None => Vec::new(),
+        Some(other) => vec![other.clone()],
+    };
+    Some(tasks::PyException {
+        module: module.to_owned(),
+        name: name.to_owned(),
+        args,
+    })
+}
+
 /// Fields added with `result_extended=True`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Extended {
@@ -123,6 +144,18 @@ pub fn child_ref(task_id: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exception_dicts_read_back() {
+        let v = exception_value("builtins", "ValueError", &[json!("boom"), json!(2)]);
+        let e = exception_from_value(&v).unwrap();
+        assert_eq!(
+            (e.module.as_str(), e.name.as_str()),
+            ("builtins", "ValueError")
+        );
+        assert_eq!(e.repr(), "ValueError('boom', 2)");
+        assert!(exception_from_value(&json!(2)).is_none());
+    }
 
     fn golden(name: &str) -> (String, DateTime<Utc>) {
         let path = format!(

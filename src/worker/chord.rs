@@ -12,7 +12,7 @@ use tasks::task::py_repr;
 use super::Ctx;
 use crate::backend::chord::{ChordCount, ChordMember};
 use crate::protocol::outgoing::SignatureCall;
-use crate::protocol::result::exception_value;
+use crate::protocol::result::{exception_from_value, exception_value};
 use crate::protocol::{pyjson, State, StateDoc, TaskMessage};
 
 /// Counts this header task's final document in its chord and, if it was
@@ -73,25 +73,13 @@ pub(crate) fn join_results(members: &[ChordMember]) -> Result<Vec<Value>, String
             "FAILURE" | "REVOKED" => Err(format!(
                 "Dependency {} raised {}",
                 m.task_id,
-                exception_repr(&m.result)
+                exception_from_value(&m.result)
+                    .map(|e| e.repr())
+                    .unwrap_or_else(|| py_repr(&m.result))
             )),
             _ => Ok(m.result.clone()),
         })
         .collect()
-}
-
-/// `ValueError('boom')` from `{"exc_type": "ValueError", "exc_message": ["boom"], ...}`.
-fn exception_repr(result: &Value) -> String {
-    let name = result
-        .get("exc_type")
-        .and_then(Value::as_str)
-        .unwrap_or("Exception");
-    let args: Vec<String> = match result.get("exc_message") {
-        Some(Value::Array(a)) => a.iter().map(py_repr).collect(),
-        Some(Value::Null) | None => Vec::new(),
-        Some(other) => vec![py_repr(other)],
-    };
-    format!("{name}({})", args.join(", "))
 }
 
 async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]) {

@@ -141,19 +141,7 @@ pub(crate) async fn store_revoked(
         State::Revoked,
         exception_value("celery.exceptions", "TaskRevokedError", &[json!(reason)]),
     );
-    match &msg.chord {
-        None => store_then_ack(ctx, &doc, tag).await,
-        // A revoked chord header still counts: Celery fails the chord
-        // (ChordError) rather than leave its body waiting forever.
-        Some(body) => {
-            if let Err(e) = ctx.backend.store(&doc).await {
-                tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");
-                return;
-            }
-            super::chord::part_return(ctx, msg, &doc, body).await;
-            ack(ctx, tag).await;
-        }
-    }
+    record_final(ctx, msg, &doc, tag, true, true).await;
     let name = ctx
         .inflight
         .view(tag, |e| e.task_name.clone())
@@ -190,6 +178,34 @@ async fn refuse(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, conten
 
 /// Stores a document and acknowledges; if Redis refuses for good, the
 /// message stays unacked and is restored later rather than lost.
+/// A task's final state: stored (unless `store` is false: the task
+/// ignores its result), counted in its chord if it is a chord header
+/// (Celery counts a header whether or not its result is stored, and a
+/// revoked one too, so the body is failed rather than left waiting), then
+/// acked if `ack_now`. A failed store leaves the message unacked, so it
+/// runs again rather than lose its result or strand its chord.
+pub(crate) async fn record_final(
+    ctx: &Ctx,
+    msg: &TaskMessage,
+    doc: &StateDoc,
+    tag: &str,
+    store: bool,
+    ack_now: bool,
+) {
+    if store {
+        if let Err(e) = ctx.backend.store(doc).await {
+            tracing::error!(error = %e, acks_late = ack_now, "could not store the result (a message not yet acked stays unacked and runs again)");
+            return;
+        }
+    }
+    if let Some(body) = &msg.chord {
+        super::chord::part_return(ctx, msg, doc, body).await;
+    }
+    if ack_now {
+        ack(ctx, tag).await;
+    }
+}
+
 pub(crate) async fn store_then_ack(ctx: &Ctx, doc: &StateDoc, tag: &str) {
     if let Err(e) = ctx.backend.store(doc).await {
         tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tasks::task::py_repr;
 use tasks::{PyException, TaskError, TaskOptions};
 
-use super::message::{ack, store_then_ack};
+use super::message::{ack, record_final, store_then_ack};
 use super::Ctx;
 use crate::broker::Delivery;
 use crate::pool::JobOutcome;
@@ -305,24 +305,10 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
     finish_with(ctx, f, &doc).await;
 }
 
-/// Stores the final document (unless the task ignores its result),
-/// counts it in its chord if it is a chord header (Celery counts a header
-/// whether or not its result is stored), then acks if acking late: a
-/// crash or a failed write before that leaves the message to run again
-/// rather than lose its result or strand the chord.
+/// Records the final document (`record_final`): acked here only when
+/// acking late; an early ack went out when the job started.
 async fn finish_with(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
-    if !f.ignore_result() {
-        if let Err(e) = ctx.backend.store(doc).await {
-            tracing::error!(error = %e, acks_late = f.acks_late, "could not store the result (a late-acked message stays unacked and runs again)");
-            return;
-        }
-    }
-    if let Some(body) = &f.msg.chord {
-        super::chord::part_return(ctx, f.msg, doc, body).await;
-    }
-    if f.acks_late {
-        ack(ctx, f.tag).await;
-    }
+    record_final(ctx, f.msg, doc, f.tag, !f.ignore_result(), f.acks_late).await;
 }
 
 /// Delay before the next attempt: explicit countdown, else backoff, else

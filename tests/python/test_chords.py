@@ -14,11 +14,8 @@ import pytest
 from celery import chord
 from celery.exceptions import ChordError
 
+from test_foundation import echo_result
 from tori_harness import count_task_events, wait_for, wait_worker_ready
-
-
-def echo_result(*args, **kwargs):
-    return {"args": list(args), "kwargs": kwargs}
 
 
 @pytest.fixture(autouse=True)
