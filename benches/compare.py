@@ -203,10 +203,11 @@ class RedisServer:
             self.proc.kill()
 
 
-def commandstats(r: redis.Redis) -> dict[str, int]:
+def commandstats(r: redis.Redis, field: str = "calls") -> dict[str, int]:
+    """Per command: `calls`, or `usec` (time Redis spent executing it)."""
     out = {}
     for k, v in r.info("commandstats").items():
-        out[k.removeprefix("cmdstat_")] = int(v["calls"])
+        out[k.removeprefix("cmdstat_")] = int(v[field])
     return out
 
 
@@ -419,7 +420,9 @@ def drain_case(side, srv: RedisServer, msgs: Messages, n: int, store: bool, even
         push(r, STAGING, payloads)
         time.sleep(0.3)
         cpu0 = tree_cpu_us(w.pid)
+        rcpu0 = tree_cpu_us(srv.proc.pid)
         cs0 = commandstats(r)
+        us0 = commandstats(r, "usec")
         t0 = time.monotonic()
         r.rename(STAGING, "celery")
         own.add("rename")
@@ -428,8 +431,11 @@ def drain_case(side, srv: RedisServer, msgs: Messages, n: int, store: bool, even
             wait_results(r, ids, 600, own, w)
         t1 = time.monotonic()
         cpu1 = tree_cpu_us(w.pid)
+        rcpu1 = tree_cpu_us(srv.proc.pid)
         cs1 = commandstats(r)
+        us1 = commandstats(r, "usec")
         total, per_cmd = commands_delta(cs0, cs1, own)
+        _, usec_by_cmd = commands_delta(us0, us1, Counted())
         mem_after = tree_mem_kib(w.pid)
         results = 0
         if store:
@@ -438,7 +444,10 @@ def drain_case(side, srv: RedisServer, msgs: Messages, n: int, store: bool, even
         return {
             "tasks_per_s": n / secs, "seconds": secs, "cpu_us_per_task": (cpu1 - cpu0) / n,
             "redis_cmds_per_task": total / n,
+            # includes the runner's own polling (one LLEN/ZCARD pair per 5 ms)
+            "redis_cpu_us_per_task": (rcpu1 - rcpu0) / n,
             "redis_cmds_breakdown_per_task": {k: round(v / n, 3) for k, v in per_cmd.items()},
+            "redis_usec_breakdown_per_task": {k: round(v / n, 2) for k, v in usec_by_cmd.items()},
             "results_stored": results, "startup_s": w.startup_s,
             "mem_idle": mem_idle, "mem_after_drain": mem_after,
         }
@@ -716,9 +725,10 @@ def render(args, meta, data, cmdline) -> str:
         L.append("| --- | --- | --- | --- | --- |")
         for case, runs in d.items():
             for key, label in (("tasks_per_s", "tasks/s"), ("cpu_us_per_task", "worker CPU µs/task"),
-                               ("redis_cmds_per_task", "Redis commands/task")):
-                t = [x[key] for x in runs["tori"]]
-                p = [x[key] for x in runs["python"]]
+                               ("redis_cmds_per_task", "Redis commands/task"),
+                               ("redis_cpu_us_per_task", "Redis CPU µs/task")):
+                t = [x.get(key) for x in runs["tori"]]
+                p = [x.get(key) for x in runs["python"]]
                 L.append(f"| {case} | {label} | {cell(t)} | {cell(p)} | {ratio(t, p)} |")
         su_t = [x["startup_s"] for runs in d.values() for x in runs["tori"]]
         su_p = [x["startup_s"] for runs in d.values() for x in runs["python"]]
@@ -747,6 +757,17 @@ def render(args, meta, data, cmdline) -> str:
                 br = first[side][0]["redis_cmds_breakdown_per_task"]
                 L.append(f"- {side}: " + ", ".join(f"{k} {v}" for k, v in list(br.items())[:12]))
         L.append("")
+        if first and any(x and "redis_usec_breakdown_per_task" in x[0] for x in first.values()):
+            L.append("Redis execution time per task, by command (µs, INFO commandstats `usec`, same run; "
+                     "an EVALSHA's time includes the commands its script runs, which are also listed; "
+                     "the worker's CPU µs/task row above is the whole worker tree, the Redis CPU row the "
+                     "whole redis-server process, parsing and network included):\n")
+            for side in SIDES:
+                if not first[side] or "redis_usec_breakdown_per_task" not in first[side][0]:
+                    continue
+                br = first[side][0]["redis_usec_breakdown_per_task"]
+                L.append(f"- {side}: " + ", ".join(f"{k} {v}" for k, v in list(br.items())[:12]))
+            L.append("")
 
     lat = data.get("latency", {})
     if lat:
