@@ -288,18 +288,20 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
             }
         }
     }
-    if f.ignore_result() && f.msg.chord.is_none() {
-        if f.acks_late {
-            ack(ctx, f.tag).await;
-        }
-        return;
-    }
+    // Sent whether or not the result is stored, as Celery does: monitors
+    // would otherwise show an ignored task as running forever.
     let traceback = traceback.unwrap_or_else(|| traceback_text(f, &exc, None));
     ctx.events.task("task-failed", |ev| {
         ev.field("uuid", &f.msg.id)
             .field("exception", &exc.repr())
             .field("traceback", &traceback);
     });
+    if f.ignore_result() && f.msg.chord.is_none() {
+        if f.acks_late {
+            ack(ctx, f.tag).await;
+        }
+        return;
+    }
     let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
     doc.traceback = Some(traceback);
     finish_with(ctx, f, &doc).await;

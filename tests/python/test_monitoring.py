@@ -316,6 +316,8 @@ def test_flower_api_lists_worker_and_tori_tasks(redis_server, worker_factory, fl
     sleeper = app.send_task("tori.sleep", args=[3])
     echo = app.send_task("tori.echo", args=[7, "x"], kwargs={"k": [1, 2]})
     fail = app.send_task("tori.fail", args=["boom-from-test"])
+    # Celery sends task-failed whether or not the result is stored.
+    fail_ignored = app.send_task("tori.fail", args=["ignored-failure"], ignore_result=True)
 
     info = flower.get_json("/api/workers?refresh=1")[node]
     stats = info["stats"]
@@ -339,7 +341,7 @@ def test_flower_api_lists_worker_and_tori_tasks(redis_server, worker_factory, fl
     with pytest.raises(RuntimeError, match="boom-from-test"):
         fail.get(timeout=10)
 
-    ids = {echo.id, sleeper.id, fail.id}
+    ids = {echo.id, sleeper.id, fail.id, fail_ignored.id}
 
     def tasks_final():
         tasks = flower.get_json("/api/tasks")
@@ -366,6 +368,11 @@ def test_flower_api_lists_worker_and_tori_tasks(redis_server, worker_factory, fl
     assert (t["name"], t["state"], t["args"]) == ("tori.fail", "FAILURE", "['boom-from-test']"), t
     assert t["exception"] == "RuntimeError('boom-from-test')", t
     assert "boom-from-test" in (t["traceback"] or ""), t
+
+    t = tasks[fail_ignored.id]
+    assert (t["state"], t["exception"]) == ("FAILURE", "RuntimeError('ignored-failure')"), t
+    assert app.backend.get(app.backend.get_key_for_task(fail_ignored.id)) is None, \
+        "ignore_result=True stored a result"
 
 
 @pytest.mark.slow
