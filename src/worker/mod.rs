@@ -15,6 +15,7 @@
 //! ever dropped.
 
 pub(crate) mod autoscale;
+mod chain;
 mod chord;
 mod inflight;
 mod message;

@@ -296,14 +296,16 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
             .field("exception", &exc.repr())
             .field("traceback", &traceback);
     });
+    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
+    doc.traceback = Some(traceback);
+    // Before this task's own ack: a crash in between fails the links again.
+    super::chain::fail_remaining_links(ctx, f.msg, &doc, !f.ignore_result()).await;
     if f.ignore_result() && f.msg.chord.is_none() {
         if f.acks_late {
             ack(ctx, f.tag).await;
         }
         return;
     }
-    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
-    doc.traceback = Some(traceback);
     finish_with(ctx, f, &doc).await;
 }
 

@@ -1,0 +1,83 @@
+"""Canvas built with the real Celery client and run by tori-worker: chains
+pass each result on, callbacks (``link``) and errbacks (``link_error``)
+are called, and a failed link fails the rest of its chain the way Celery's
+backend does (``mark_as_failure``), so nothing waits on a PENDING result
+that can never come. Chords have their own module (test_chords.py).
+"""
+from __future__ import annotations
+
+import gc
+import uuid
+
+import pytest
+from celery import chain, chord
+from celery.exceptions import ChordError
+
+from test_foundation import echo_result
+
+
+@pytest.fixture(autouse=True)
+def _forget_subscriptions(app):
+    """As in test_chords.py: workflow results form reference cycles whose
+    late ``__del__`` would UNSUBSCRIBE on this test's Redis once it is gone
+    and stall a later test in redis-py's reconnect loop."""
+    yield
+    app.backend.result_consumer.subscribed_to.clear()
+    gc.collect()
+
+
+def test_chain_passes_each_result_to_the_next(tori_worker, app):
+    echo = app.signature("tori.echo")
+    res = chain(echo.clone(args=[1]), echo.clone(args=[2]), echo.clone(args=[3])).apply_async()
+    first = echo_result(1)
+    second = echo_result(first, 2)
+    assert res.get(timeout=30) == echo_result(second, 3)
+    assert res.parent.get(timeout=5) == second
+    # Each link names the one before it as its parent, as with Python workers.
+    assert app.AsyncResult(res.id)._get_task_meta()["parent_id"] == res.parent.id
+
+
+def test_failed_link_fails_the_rest_of_the_chain(tori_worker, app, redis_client):
+    echo = app.signature("tori.echo")
+    res = chain(app.signature("tori.fail", args=["first link broke"]),
+                echo.clone(args=[2]), echo.clone(args=[3])).apply_async()
+    middle_id, first_id = res.parent.id, res.parent.parent.id
+    # A result known only by its id (a status page, another process) has no
+    # parents to look at: it must reach FAILURE itself.
+    last = app.AsyncResult(res.id)
+    with pytest.raises(RuntimeError, match="first link broke"):
+        last.get(timeout=30)
+    for task_id in (first_id, middle_id, res.id):
+        meta = app.AsyncResult(task_id)._get_task_meta()
+        assert meta["status"] == "FAILURE", (task_id, meta)
+        assert "first link broke" in (meta["traceback"] or ""), meta
+    # The later links never ran: only the first one was ever a message.
+    assert redis_client.llen("celery") == 0
+
+
+def test_link_and_link_error_are_called(tori_worker, app):
+    cb_id, eb_id = str(uuid.uuid4()), str(uuid.uuid4())
+    ok = app.send_task("tori.echo", args=[5],
+                       link=app.signature("tori.echo", args=["cb"]).set(task_id=cb_id))
+    assert app.AsyncResult(cb_id).get(timeout=30) == echo_result(echo_result(5), "cb")
+    assert ok.get(timeout=5) == echo_result(5)
+
+    failed = app.send_task("tori.fail", args=["errback me"],
+                           link_error=app.signature("tori.echo", args=["eb"]).set(task_id=eb_id))
+    # Old-style errbacks get the failed task's id first, as Celery calls them.
+    assert app.AsyncResult(eb_id).get(timeout=30) == echo_result(failed.id, "eb")
+    with pytest.raises(RuntimeError, match="errback me"):
+        failed.get(timeout=5)
+
+
+def test_failed_chain_in_a_chord_header_fails_the_body(tori_worker, app):
+    echo = app.signature("tori.echo")
+    header = [chain(app.signature("tori.fail", args=["chained header broke"]), echo.clone(args=[2])),
+              echo.clone(args=[3])]
+    res = chord(header)(echo.clone())
+    body = app.AsyncResult(res.id)
+    # The chain's second link never runs; it is counted in the chord as
+    # failed, so the body fails instead of waiting for it forever.
+    with pytest.raises(ChordError, match="chained header broke"):
+        body.get(timeout=30)
+    assert body.state == "FAILURE"
