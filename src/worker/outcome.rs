@@ -263,10 +263,24 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
 async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<String>, secs: f64) {
     tracing::error!(runtime = secs, exception = %exc.repr(), "task failed");
     ctx.metrics.count(&f.msg.task, "failed");
+    call_errbacks(ctx, f).await;
+    // Sent whether or not the result is stored, as Celery does: monitors
+    // would otherwise show an ignored task as running forever.
+    let traceback = traceback.unwrap_or_else(|| traceback_text(f, &exc, None));
+    ctx.events.task("task-failed", |ev| {
+        ev.field("uuid", &f.msg.id)
+            .field("exception", &exc.repr())
+            .field("traceback", &traceback);
+    });
+    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
+    doc.traceback = Some(traceback);
+    settle_failure(ctx, f, &doc).await;
+}
+
+/// Errbacks get the failed task's id (Celery's old-style errback call;
+/// new-style `(request, exc, traceback)` errbacks need Python objects).
+async fn call_errbacks(ctx: &Ctx, f: &Finish<'_>) {
     let root = f.msg.root_id.clone().unwrap_or_else(|| f.msg.id.clone());
-    let origin = ctx.cfg.node_name.clone();
-    // Errbacks get the failed task's id (Celery's old-style errback call;
-    // new-style `(request, exc, traceback)` errbacks need Python objects).
     let id_value = json!(f.msg.id);
     for sig in &f.msg.errbacks {
         let call = SignatureCall {
@@ -275,7 +289,7 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
             parent_id: &f.msg.id,
             root_id: &root,
             chain: Vec::new(),
-            origin: &origin,
+            origin: &ctx.cfg.node_name,
             default_queue: &ctx.cfg.default_queue,
         };
         if let Some((env, route)) = call.build() {
@@ -288,25 +302,21 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
             }
         }
     }
-    // Sent whether or not the result is stored, as Celery does: monitors
-    // would otherwise show an ignored task as running forever.
-    let traceback = traceback.unwrap_or_else(|| traceback_text(f, &exc, None));
-    ctx.events.task("task-failed", |ev| {
-        ev.field("uuid", &f.msg.id)
-            .field("exception", &exc.repr())
-            .field("traceback", &traceback);
-    });
-    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
-    doc.traceback = Some(traceback);
+}
+
+/// Celery's `mark_as_failure` after the event: the rest of the chain
+/// fails too, then the task's own FAILURE is stored (unless ignored),
+/// counted in its chord, and the message acked if acking late.
+async fn settle_failure(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
     // Before this task's own ack: a crash in between fails the links again.
-    super::chain::fail_remaining_links(ctx, f.msg, &doc, !f.ignore_result()).await;
+    super::chain::fail_remaining_links(ctx, f.msg, doc, !f.ignore_result()).await;
     if f.ignore_result() && f.msg.chord.is_none() {
         if f.acks_late {
             ack(ctx, f.tag).await;
         }
         return;
     }
-    finish_with(ctx, f, &doc).await;
+    finish_with(ctx, f, doc).await;
 }
 
 /// Records the final document (`record_final`): acked here only when
@@ -460,25 +470,37 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
 async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
     tracing::warn!(requeue, %reason, "task rejected its message");
     ctx.metrics.count(&f.msg.task, "rejected");
-    ctx.events.task("task-rejected", |ev| {
-        ev.field("uuid", &f.msg.id).field("requeue", &requeue);
-    });
     if requeue {
+        ctx.events.task("task-rejected", |ev| {
+            ev.field("uuid", &f.msg.id).field("requeue", &true);
+        });
         if let Err(e) = ctx.broker.restore(f.tag, true).await {
             tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
         }
         return;
     }
-    let doc = f.doc(
-        ctx,
-        State::Failure,
-        exception_value(
-            "celery.exceptions",
-            "Reject",
-            &[json!(reason), json!(false)],
-        ),
-    );
-    store_then_ack(ctx, &doc, f.tag).await;
+    // Never to run again, so Celery (request.py `on_failure`) fails it
+    // like any error (chain, chord, errbacks; no traceback stored), sends
+    // task-failed, and then task-rejected only if the message was still
+    // unacked — with an early ack it already was.
+    call_errbacks(ctx, f).await;
+    let exc = PyException {
+        module: "celery.exceptions".into(),
+        name: "Reject".into(),
+        args: vec![json!(reason), json!(false)],
+    };
+    ctx.events.task("task-failed", |ev| {
+        ev.field("uuid", &f.msg.id)
+            .field("exception", &format!("reject requeue=False: {reason}"))
+            .field("traceback", &traceback_text(f, &exc, None));
+    });
+    if f.acks_late {
+        ctx.events.task("task-rejected", |ev| {
+            ev.field("uuid", &f.msg.id).field("requeue", &false);
+        });
+    }
+    let doc = f.doc(ctx, State::Failure, exc_value(&exc));
+    settle_failure(ctx, f, &doc).await;
 }
 
 fn truncate(s: &str, max: usize) -> String {

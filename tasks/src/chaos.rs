@@ -1,7 +1,7 @@
 //! Tasks that misbehave on purpose (`tori.chaos.*`), registered only with
 //! `--enable-chaos-tasks`. They prove the worker survives what real task
 //! code does on a bad day: panic, abort, segfault, allocate without end,
-//! spin without ever checking for cancellation.
+//! spin without ever checking for cancellation, reject their own message.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -19,7 +19,8 @@ pub fn register(registry: &mut Registry) {
         .register(Segfault)
         .register(Alloc)
         .register(Spin)
-        .register(Exit);
+        .register(Exit)
+        .register(RejectMessage);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,5 +145,31 @@ impl Task for Exit {
 
     fn run(&self, _ctx: &TaskContext<'_>, args: ExitArgs) -> Result<(), TaskError> {
         std::process::exit(args.code)
+    }
+}
+
+/// `tori.chaos.reject(reason)`: raises Celery's `Reject(reason,
+/// requeue=False)`, the way a task gives up on a message it must never
+/// run again.
+#[derive(Debug, Clone, Copy)]
+pub struct RejectMessage;
+
+#[derive(Debug, Deserialize)]
+pub struct RejectArgs {
+    #[serde(default)]
+    reason: String,
+}
+
+impl Task for RejectMessage {
+    const NAME: &'static str = "tori.chaos.reject";
+    const PARAMS: &'static [&'static str] = &["reason"];
+    type Args = RejectArgs;
+    type Output = ();
+
+    fn run(&self, _ctx: &TaskContext<'_>, args: RejectArgs) -> Result<(), TaskError> {
+        Err(TaskError::Reject {
+            requeue: false,
+            reason: args.reason,
+        })
     }
 }

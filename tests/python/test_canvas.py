@@ -7,6 +7,9 @@ that can never come. Chords have their own module (test_chords.py).
 from __future__ import annotations
 
 import gc
+import socket
+import threading
+import time
 import uuid
 
 import pytest
@@ -14,6 +17,7 @@ from celery import chain, chord
 from celery.exceptions import ChordError
 
 from test_foundation import echo_result
+from tori_harness import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +85,64 @@ def test_failed_chain_in_a_chord_header_fails_the_body(tori_worker, app):
     with pytest.raises(ChordError, match="chained header broke"):
         body.get(timeout=30)
     assert body.state == "FAILURE"
+
+
+
+class EventLog:
+    """Task events as Celery's own receiver gets them (the path Flower
+    uses), collected on a thread while the test runs."""
+
+    def __init__(self, app):
+        self.events: list[dict] = []
+        self._conn = app.connection_for_read()
+        self._recv = app.events.Receiver(self._conn, handlers={"*": self.events.append})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._recv.capture(limit=None, timeout=0.2, wakeup=False)
+            except (socket.timeout, TimeoutError):
+                continue
+
+    def types(self, task_id: str) -> list[str]:
+        return [e["type"] for e in list(self.events) if e.get("uuid") == task_id]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._conn.release()
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "late-ack"])
+def test_reject_without_requeue_fails_like_celery(worker_factory, redis_server, app,
+                                                   redis_client, acks_late):
+    # Celery 5.7 (request.py on_failure): Reject(requeue=False) means the
+    # task never runs again, so it is a FAILURE like any error (the rest of
+    # its chain too), task-failed is sent, and task-rejected follows only
+    # when the message was still unacked (late ack).
+    flags = ["-E", "--enable-chaos-tasks"] + (["--acks-late"] if acks_late else [])
+    worker_factory(redis_server.url(), *flags)
+    events = EventLog(app)
+    try:
+        time.sleep(0.5)  # the receiver's queue is bound before any event is sent
+        res = chain(app.signature("tori.chaos.reject", args=["nope"]),
+                    app.signature("tori.echo", args=[2])).apply_async()
+        rejecter_id = res.parent.id
+        with pytest.raises(Exception) as info:
+            app.AsyncResult(res.id).get(timeout=30)
+        assert type(info.value).__name__ == "Reject", repr(info.value)
+        meta = app.AsyncResult(rejecter_id)._get_task_meta()
+        assert meta["status"] == "FAILURE" and meta["traceback"] is None, meta
+        assert redis_client.hlen("unacked") == 0
+        expected = ["task-received", "task-started", "task-failed"] + \
+            (["task-rejected"] if acks_late else [])
+        wait_for(lambda: events.types(rejecter_id) == expected, 10,
+                 message=lambda: f"events {events.types(rejecter_id)}, expected {expected}")
+        failed = next(e for e in events.events
+                      if e.get("uuid") == rejecter_id and e["type"] == "task-failed")
+        assert failed["exception"] == "reject requeue=False: nope", failed
+    finally:
+        events.close()
