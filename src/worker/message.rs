@@ -176,14 +176,13 @@ async fn refuse(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, conten
     store_then_ack(ctx, &doc, tag).await;
 }
 
-/// Stores a document and acknowledges; if Redis refuses for good, the
-/// message stays unacked and is restored later rather than lost.
 /// A task's final state: stored (unless `store` is false: the task
 /// ignores its result), counted in its chord if it is a chord header
 /// (Celery counts a header whether or not its result is stored, and a
 /// revoked one too, so the body is failed rather than left waiting), then
 /// acked if `ack_now`. A failed store leaves the message unacked, so it
-/// runs again rather than lose its result or strand its chord.
+/// runs again rather than lose its result or strand its chord; returns
+/// false then.
 pub(crate) async fn record_final(
     ctx: &Ctx,
     msg: &TaskMessage,
@@ -191,11 +190,11 @@ pub(crate) async fn record_final(
     tag: &str,
     store: bool,
     ack_now: bool,
-) {
+) -> bool {
     if store {
         if let Err(e) = ctx.backend.store(doc).await {
             tracing::error!(error = %e, acks_late = ack_now, "could not store the result (a message not yet acked stays unacked and runs again)");
-            return;
+            return false;
         }
     }
     if let Some(body) = &msg.chord {
@@ -204,8 +203,11 @@ pub(crate) async fn record_final(
     if ack_now {
         ack(ctx, tag).await;
     }
+    true
 }
 
+/// Stores a document and acknowledges; if Redis refuses for good, the
+/// message stays unacked and is restored later rather than lost.
 pub(crate) async fn store_then_ack(ctx: &Ctx, doc: &StateDoc, tag: &str) {
     if let Err(e) = ctx.backend.store(doc).await {
         tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");

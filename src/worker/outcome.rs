@@ -4,7 +4,9 @@
 //! chain links, callbacks) are published before the state is stored, and
 //! the message is acked last — a crash in between re-runs the task rather
 //! than losing its continuation. A chord header's result is counted in its
-//! chord right after it is stored (`chord.rs`).
+//! chord right after it is stored (`chord.rs`). The task event goes out
+//! last, as in Celery, whose pool process stores the result before the
+//! parent announces it: whoever reacts to the event finds the result.
 
 use std::time::Duration;
 
@@ -244,37 +246,41 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
     let shown = truncate(&py_repr(&value), 200);
     tracing::info!(runtime = secs, result = %shown, "task succeeded");
     ctx.metrics.count(&f.msg.task, "succeeded");
+    if f.ignore_result() && f.msg.chord.is_none() {
+        if f.acks_late {
+            ack(ctx, f.tag).await;
+        }
+    } else {
+        let mut doc = f.doc(ctx, State::Success, value);
+        doc.children = Some(children);
+        finish_with(ctx, f, &doc).await;
+    }
+    // After the result is stored, as Celery's pool process stores it
+    // before the parent announces it: whoever reacts to the event finds
+    // the result there.
     ctx.events.task("task-succeeded", |ev| {
         ev.field("uuid", &f.msg.id)
             .field("result", &shown)
             .field("runtime", &secs);
     });
-    if f.ignore_result() && f.msg.chord.is_none() {
-        if f.acks_late {
-            ack(ctx, f.tag).await;
-        }
-        return;
-    }
-    let mut doc = f.doc(ctx, State::Success, value);
-    doc.children = Some(children);
-    finish_with(ctx, f, &doc).await;
 }
 
 async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<String>, secs: f64) {
     tracing::error!(runtime = secs, exception = %exc.repr(), "task failed");
     ctx.metrics.count(&f.msg.task, "failed");
     call_errbacks(ctx, f).await;
-    // Sent whether or not the result is stored, as Celery does: monitors
-    // would otherwise show an ignored task as running forever.
     let traceback = traceback.unwrap_or_else(|| traceback_text(f, &exc, None));
+    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
+    doc.traceback = Some(traceback.clone());
+    settle_failure(ctx, f, &doc).await;
+    // Sent whether or not the result is stored, as Celery does: monitors
+    // would otherwise show an ignored task as running forever. After the
+    // store, as with success.
     ctx.events.task("task-failed", |ev| {
         ev.field("uuid", &f.msg.id)
             .field("exception", &exc.repr())
             .field("traceback", &traceback);
     });
-    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
-    doc.traceback = Some(traceback);
-    settle_failure(ctx, f, &doc).await;
 }
 
 /// Errbacks get the failed task's id (Celery's old-style errback call;
@@ -406,16 +412,16 @@ async fn retry(
         None,
     ));
     doc.children = Some(vec![child_ref(&f.msg.id)]);
-    ctx.events.task("task-retried", |ev| {
-        ev.field("uuid", &f.msg.id)
-            .field("exception", &shown.repr())
-            .field("traceback", &doc.traceback);
-    });
     if f.ignore_result() {
         ack(ctx, f.tag).await;
     } else {
         store_then_ack(ctx, &doc, f.tag).await;
     }
+    ctx.events.task("task-retried", |ev| {
+        ev.field("uuid", &f.msg.id)
+            .field("exception", &shown.repr())
+            .field("traceback", &doc.traceback);
+    });
 }
 
 /// Late-ack task whose process died: put it back, unless it has already
@@ -435,6 +441,10 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
         if let Err(e) = ctx.broker.restore(f.tag, true).await {
             tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
         }
+        // Celery rejects with requeue here: task-rejected, no task-failed.
+        ctx.events.task("task-rejected", |ev| {
+            ev.field("uuid", &f.msg.id).field("requeue", &true);
+        });
         return;
     }
     let message = format!(
@@ -447,13 +457,16 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
         deaths,
         "poison message: giving up and dead-lettering it"
     );
-    if !f.ignore_result() {
-        let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
-        doc.traceback = Some(traceback_text(f, &exc, None));
-        if let Err(e) = ctx.backend.store(&doc).await {
-            tracing::error!(error = %e, "could not store the result; leaving the message unacked");
-            return;
-        }
+    // A failure like any other (errbacks, the rest of the chain, the chord
+    // count, task-failed), except that the message goes to the dead-letter
+    // list instead of being acked.
+    call_errbacks(ctx, f).await;
+    let traceback = traceback_text(f, &exc, None);
+    let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
+    doc.traceback = Some(traceback.clone());
+    super::chain::fail_remaining_links(ctx, f.msg, &doc, !f.ignore_result()).await;
+    if !record_final(ctx, f.msg, &doc, f.tag, !f.ignore_result(), false).await {
+        return;
     }
     let raw = f.delivery.raw.clone();
     if let Err(e) = ctx
@@ -465,18 +478,23 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
     } else {
         ctx.inflight.mark_acked(f.tag);
     }
+    ctx.events.task("task-failed", |ev| {
+        ev.field("uuid", &f.msg.id)
+            .field("exception", &exc.repr())
+            .field("traceback", &traceback);
+    });
 }
 
 async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
     tracing::warn!(requeue, %reason, "task rejected its message");
     ctx.metrics.count(&f.msg.task, "rejected");
     if requeue {
-        ctx.events.task("task-rejected", |ev| {
-            ev.field("uuid", &f.msg.id).field("requeue", &true);
-        });
         if let Err(e) = ctx.broker.restore(f.tag, true).await {
             tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
         }
+        ctx.events.task("task-rejected", |ev| {
+            ev.field("uuid", &f.msg.id).field("requeue", &true);
+        });
         return;
     }
     // Never to run again, so Celery (request.py `on_failure`) fails it
@@ -489,6 +507,8 @@ async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
         name: "Reject".into(),
         args: vec![json!(reason), json!(false)],
     };
+    let doc = f.doc(ctx, State::Failure, exc_value(&exc));
+    settle_failure(ctx, f, &doc).await;
     ctx.events.task("task-failed", |ev| {
         ev.field("uuid", &f.msg.id)
             .field("exception", &format!("reject requeue=False: {reason}"))
@@ -499,8 +519,6 @@ async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
             ev.field("uuid", &f.msg.id).field("requeue", &false);
         });
     }
-    let doc = f.doc(ctx, State::Failure, exc_value(&exc));
-    settle_failure(ctx, f, &doc).await;
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -7,8 +7,6 @@ that can never come. Chords have their own module (test_chords.py).
 from __future__ import annotations
 
 import gc
-import socket
-import threading
 import time
 import uuid
 
@@ -17,7 +15,7 @@ from celery import chain, chord
 from celery.exceptions import ChordError
 
 from test_foundation import echo_result
-from tori_harness import wait_for
+from tori_harness import EventLog, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -86,34 +84,6 @@ def test_failed_chain_in_a_chord_header_fails_the_body(tori_worker, app):
         body.get(timeout=30)
     assert body.state == "FAILURE"
 
-
-
-class EventLog:
-    """Task events as Celery's own receiver gets them (the path Flower
-    uses), collected on a thread while the test runs."""
-
-    def __init__(self, app):
-        self.events: list[dict] = []
-        self._conn = app.connection_for_read()
-        self._recv = app.events.Receiver(self._conn, handlers={"*": self.events.append})
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self._recv.capture(limit=None, timeout=0.2, wakeup=False)
-            except (socket.timeout, TimeoutError):
-                continue
-
-    def types(self, task_id: str) -> list[str]:
-        return [e["type"] for e in list(self.events) if e.get("uuid") == task_id]
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(5)
-        self._conn.release()
 
 
 @pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "late-ack"])

@@ -40,6 +40,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from test_foundation import echo_result, queued_task_ids, statuses, wait_unacked_empty
 from tori_harness import (
+    EventLog,
     count_task_events,
     dead_letter_entries,
     entry_raw_text,
@@ -562,10 +563,12 @@ def test_cold_shutdown_running_task_not_run_twice(worker_factory, redis_server, 
 @pytest.mark.chaos
 @pytest.mark.parametrize("reject", [True, False], ids=["reject-on-worker-lost", "no-reject"])
 def test_poison_task(worker_factory, redis_server, app, redis_client, reject):
-    args = ["--concurrency", "2", "--acks-late", "--max-redeliveries", "2", CHAOS]
+    args = ["--concurrency", "2", "--acks-late", "--max-redeliveries", "2", CHAOS, "-E"]
     if reject:
         args.append("--reject-on-worker-lost")
     w = worker_factory(redis_server.url(), *args)
+    events = EventLog(app)
+    time.sleep(0.5)  # the receiver's queue is bound before any event is sent
     t0 = time.monotonic()
     poison = app.send_task("tori.chaos.segfault")
     echoes = [app.send_task("tori.echo", args=[i]) for i in range(20)]
@@ -595,6 +598,15 @@ def test_poison_task(worker_factory, redis_server, app, redis_client, reject):
         assert took < 10, f"without --reject-on-worker-lost the failure took {took:.1f}s"
     assert poison.id not in queued_task_ids(redis_client)
     wait_unacked_empty(redis_client)
+    # As Celery: each requeue is a task-rejected (requeue=True) and the
+    # final give-up a task-failed, so Flower never shows it running.
+    expected = ["task-received", "task-started", "task-rejected"] * (deaths - 1) + \
+        ["task-received", "task-started", "task-failed"]
+    try:
+        wait_for(lambda: events.types(poison.id) == expected, 10,
+                 message=lambda: f"events {events.types(poison.id)}, expected {expected}")
+    finally:
+        events.close()
     assert w.alive()
     kids = wait_children(w, 2)
     assert all(g["pid"] in kids for g in whoami_pids(app, 2))

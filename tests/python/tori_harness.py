@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -117,6 +118,34 @@ def event_order(text: str, task_ids: Iterable[str], word: str) -> list[str]:
             if tid not in seen and pat.search(ln):
                 seen.append(tid)
     return seen
+
+
+class EventLog:
+    """Task events as Celery's own receiver gets them (the path Flower
+    uses), collected on a thread while the test runs."""
+
+    def __init__(self, app):
+        self.events: list[dict] = []
+        self._conn = app.connection_for_read()
+        self._recv = app.events.Receiver(self._conn, handlers={"*": self.events.append})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._recv.capture(limit=None, timeout=0.2, wakeup=False)
+            except (socket.timeout, TimeoutError):
+                continue
+
+    def types(self, task_id: str) -> list[str]:
+        return [e["type"] for e in list(self.events) if e.get("uuid") == task_id]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._conn.release()
 
 
 # --------------------------------------------------------------------------
