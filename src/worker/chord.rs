@@ -2,6 +2,7 @@
 //! the counting is the backend's (`backend::chord`); this decides what the
 //! body gets, the way Celery's `on_chord_part_return` does.
 //!
+//! A group body is called member by member, each with the joined results.
 //! Not supported, and failed loudly rather than guessed: header results
 //! that are themselves groups (Celery restores those from the saved
 //! GroupResult; a header task here returns plain values).
@@ -85,68 +86,96 @@ pub(crate) fn join_results(members: &[ChordMember]) -> Result<Vec<Value>, String
 async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]) {
     let results = Value::Array(results.to_vec());
     let root = msg.root_id.clone().unwrap_or_else(|| msg.id.clone());
-    let call = SignatureCall {
-        signature: body,
-        parent_result: Some(&results),
-        parent_id: &msg.id,
-        root_id: &root,
-        chain: Vec::new(),
-        origin: &ctx.cfg.node_name,
-        default_queue: &ctx.cfg.default_queue,
-    };
-    let Some((env, route)) = call.build() else {
-        let message = format!(
-            "tori-worker cannot call this chord body (no task name, e.g. a group as body): {body}"
-        );
-        return fail_body(ctx, body, &message).await;
-    };
-    let body_id = env
-        .headers()
-        .get("id")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    match ctx
-        .broker
-        .publish(&env, &route.exchange, &route.routing_key)
-        .await
-    {
-        Ok(_) => tracing::info!(chord_body = %body_id, "chord complete; body called"),
-        Err(e) => {
-            let message = format!("could not publish the chord body: {e}");
-            tracing::error!(error = %e, "could not publish the chord body; storing FAILURE ChordError for it");
-            fail_body(ctx, body, &message).await;
+    // A group body is called as Celery's `group.delay(results)`: every
+    // member gets the joined results first, under the id and group id the
+    // client gave it when it froze the chord.
+    let signatures = group_members(body).unwrap_or_else(|| vec![body]);
+    let mut calls = Vec::with_capacity(signatures.len());
+    for signature in signatures {
+        let call = SignatureCall {
+            signature,
+            parent_result: Some(&results),
+            parent_id: &msg.id,
+            root_id: &root,
+            chain: Vec::new(),
+            origin: &ctx.cfg.node_name,
+            default_queue: &ctx.cfg.default_queue,
+        };
+        match call.build() {
+            Some(built) => calls.push(built),
+            None => {
+                let message = format!(
+                    "tori-worker cannot call this chord body (no task name, e.g. a nested group): {signature}"
+                );
+                return fail_body(ctx, body, &message).await;
+            }
         }
     }
+    for (env, route) in calls {
+        let body_id = env
+            .headers()
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        match ctx
+            .broker
+            .publish(&env, &route.exchange, &route.routing_key)
+            .await
+        {
+            Ok(_) => tracing::info!(chord_body = %body_id, "chord complete; body called"),
+            Err(e) => {
+                let message = format!("could not publish the chord body: {e}");
+                tracing::error!(error = %e, "could not publish the chord body; storing FAILURE ChordError for it");
+                return fail_body(ctx, body, &message).await;
+            }
+        }
+    }
+}
+
+/// The member signatures of a group (`celery.group`), or `None` for any
+/// other signature.
+fn group_members(signature: &Value) -> Option<Vec<&Value>> {
+    if signature.get("task").and_then(Value::as_str) != Some("celery.group") {
+        return None;
+    }
+    let tasks = signature.get("kwargs")?.get("tasks")?.as_array()?;
+    Some(tasks.iter().collect())
 }
 
 /// The body gets FAILURE with a ChordError, as Celery's
 /// `chord_error_from_stack` stores it, so `AsyncResult(body).get()` raises
 /// instead of waiting forever.
 async fn fail_body(ctx: &Ctx, body: &Value, message: &str) {
-    let Some(body_id) = body
-        .get("options")
-        .and_then(|o| o.get("task_id"))
-        .and_then(Value::as_str)
-    else {
+    // A group body fails under its own id (what Celery stores) and under
+    // each member's, so a client waiting on the GroupResult sees it too.
+    let mut targets = vec![body];
+    targets.extend(group_members(body).unwrap_or_default());
+    let ids: Vec<&str> = targets
+        .iter()
+        .filter_map(|sig| sig.get("options")?.get("task_id")?.as_str())
+        .collect();
+    if ids.is_empty() {
         tracing::error!(
             message,
             "chord failed and its body has no task id to store the failure under"
         );
         return;
-    };
-    tracing::error!(
-        chord_body = body_id,
-        message,
-        "chord failed; storing FAILURE ChordError for its body"
-    );
-    let doc = StateDoc::new(
-        body_id,
-        State::Failure,
-        exception_value("celery.exceptions", "ChordError", &[json!(message)]),
-    );
-    if let Err(e) = ctx.backend.store(&doc).await {
-        tracing::error!(error = %e, "could not store the chord body FAILURE");
+    }
+    for body_id in ids {
+        tracing::error!(
+            chord_body = body_id,
+            message,
+            "chord failed; storing FAILURE ChordError for its body"
+        );
+        let doc = StateDoc::new(
+            body_id,
+            State::Failure,
+            exception_value("celery.exceptions", "ChordError", &[json!(message)]),
+        );
+        if let Err(e) = ctx.backend.store(&doc).await {
+            tracing::error!(error = %e, "could not store the chord body FAILURE");
+        }
     }
 }
 

@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from celery import chord
+from celery import chord, group
 from celery.exceptions import ChordError
 
 from test_foundation import echo_result
@@ -126,6 +126,28 @@ def test_chord_body_goes_to_the_default_queue(worker_factory, redis_server, app,
     assert redis_client.llen("headers") == 0
     worker_factory(url)
     assert res.get(timeout=30) == echo_result([echo_result(i) for i in range(3)])
+
+
+
+def test_group_body_gets_the_results_in_every_member(worker_factory, redis_server, app):
+    worker_factory(redis_server.url(), "--concurrency", "2")
+    echo = app.signature("tori.echo")
+    header = [echo.clone(args=[i]) for i in range(3)]
+    res = chord(header)(group(echo.clone(args=["a"]), echo.clone(args=["b"])))
+    joined = [echo_result(i) for i in range(3)]
+    # The client gets a GroupResult; each member ran with the joined
+    # results first, as `group.delay(results)` calls them in Celery.
+    assert res.get(timeout=30) == [echo_result(joined, "a"), echo_result(joined, "b")]
+
+
+def test_failed_header_fails_every_member_of_a_group_body(worker_factory, redis_server, app):
+    worker_factory(redis_server.url(), "--concurrency", "2")
+    echo = app.signature("tori.echo")
+    header = [echo.clone(args=[1]), app.signature("tori.fail", args=["header broke"])]
+    res = chord(header)(group(echo.clone(args=["a"]), echo.clone(args=["b"])))
+    for member in res.results:
+        with pytest.raises(ChordError, match="header broke"):
+            app.AsyncResult(member.id).get(timeout=30)
 
 
 @pytest.mark.interop
