@@ -141,7 +141,13 @@ pub(crate) async fn store_revoked(
         State::Revoked,
         exception_value("celery.exceptions", "TaskRevokedError", &[json!(reason)]),
     );
-    record_final(ctx, msg, &doc, tag, true, true).await;
+    // Celery skips the REVOKED write only for tasks declared with
+    // ignore_result (`Request.store_errors`), not for a message's flag.
+    let store = !ctx
+        .registry
+        .get(&msg.task)
+        .is_some_and(|t| t.options().ignore_result);
+    record_final(ctx, msg, &doc, tag, store, true).await;
     let name = ctx
         .inflight
         .view(tag, |e| e.task_name.clone())
@@ -377,6 +383,11 @@ async fn run(
     };
     if ctx.revoked.contains(&msg.id) {
         store_revoked(ctx, &msg, tag, "revoked", None, false).await;
+        return;
+    }
+    // It may have waited for the rate limit or a free process long enough
+    // to expire; Celery checks again when it hands a task to the pool.
+    if revoke_if_expired(ctx, &msg, tag).await {
         return;
     }
     if !ctx.inflight.advance(tag, Phase::Active) {

@@ -243,7 +243,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             }
         }
     }
-    let shown = truncate(&py_repr(&value), 200);
+    let shown = truncate(&py_repr(&value), RESULT_REPR_MAX);
     tracing::info!(runtime = secs, result = %shown, "task succeeded");
     ctx.metrics.count(&f.msg.task, "succeeded");
     if f.ignore_result() && f.msg.chord.is_none() {
@@ -520,6 +520,10 @@ async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
         });
     }
 }
+
+/// Characters of a result's repr in the task-succeeded event and the log
+/// line (Celery's `resultrepr_maxsize` default).
+const RESULT_REPR_MAX: usize = 1024;
 
 fn truncate(s: &str, max: usize) -> String {
     if s.chars().count() <= max {

@@ -301,6 +301,21 @@ def test_expired_task_revoked(app, tori_worker, redis_client):
     assert ok.get(timeout=15) == echo_result("fresh")
 
 
+def test_task_that_expires_while_waiting_for_a_process_is_not_run(worker_factory, redis_server,
+                                                                   app, redis_client):
+    # One process, busy for 2 s: the second task is prefetched and waits
+    # for it, and its 1 s expiry passes meanwhile. Celery checks expiry
+    # again when it hands a task to the pool; so must we.
+    worker = worker_factory(redis_server.url(), "--concurrency", "1")
+    busy = app.send_task("tori.sleep", args=[2])
+    late = app.send_task("tori.echo", args=["too late"], expires=1)
+    with pytest.raises(TaskRevokedError, match="expired"):
+        late.get(timeout=15)
+    assert busy.get(timeout=15) == 2
+    assert count_task_events([worker.log_text()], late.id, "succeeded") == 0, \
+        "a task that expired while waiting was executed"
+
+
 def test_countdown_respected(worker_factory, redis_server, app):
     worker_factory(redis_server.url(), "--concurrency", "1")
     t_before = time.time()
