@@ -404,17 +404,6 @@ async fn run(
     };
     let options = task.options();
     let acks_late = options.acks_late.unwrap_or(ctx.cfg.acks_late);
-    if ctx.cfg.track_started && !(msg.ignore_result || options.ignore_result) {
-        let doc = StateDoc::new(
-            &msg.id,
-            State::Started,
-            json!({"pid": ctx.pool.pids().first().copied().unwrap_or(0), "hostname": ctx.cfg.node_name}),
-        );
-        if let Err(e) = ctx.backend.store(&doc).await {
-            tracing::warn!(error = %e, "could not store STARTED");
-        }
-    }
-
     let hard = msg
         .time_limit
         .hard
@@ -449,7 +438,7 @@ async fn run(
         progress: Arc::new(ChannelProgress(progress_tx)),
         terminate,
         terminate_signal,
-        pid: worker_pid,
+        pid: worker_pid.clone(),
     };
     ctx.inflight.set_started(tag, epoch());
     tracing::info!("task started");
@@ -458,6 +447,23 @@ async fn run(
     });
     let started = Instant::now();
     let running = ctx.pool.run(slot, job);
+    // STARTED names the process the pool handed the job to (Celery's pool
+    // process writes its own pid), so it is written once that is known;
+    // still before the final state, which this handler writes later.
+    if ctx.cfg.track_started && !(msg.ignore_result || options.ignore_result) {
+        let pid = match worker_pid.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => std::process::id(),
+            pid => pid,
+        };
+        let doc = StateDoc::new(
+            &msg.id,
+            State::Started,
+            json!({"pid": pid, "hostname": ctx.cfg.node_name}),
+        );
+        if let Err(e) = ctx.backend.store(&doc).await {
+            tracing::warn!(error = %e, "could not store STARTED");
+        }
+    }
     // An early ack goes out while the pool process starts the job, as
     // Celery acks once the pool accepted it: waiting for it first put a
     // Redis round trip between every two tasks of a pool process.

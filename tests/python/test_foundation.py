@@ -413,6 +413,21 @@ def test_track_started(worker_factory, redis_server, app, track):
         assert "STARTED" not in seen, f"STARTED written without --track-started: {seen}"
 
 
+def test_started_names_the_process_running_the_task(worker_factory, redis_server, app,
+                                                    redis_client):
+    worker_factory(redis_server.url(), "--track-started", "--concurrency", "2")
+    running = [app.send_task("tori.sleep", args=[2]) for _ in range(2)]
+    wait_for(lambda: all(r.state == "STARTED" for r in running), 15,
+             message=lambda: f"states {[r.state for r in running]}")
+    started_pids = {read_meta(redis_client, r.id)["result"]["pid"] for r in running}
+    active = app.control.inspect(timeout=2).active()
+    active_pids = {t["worker_pid"] for tasks in active.values() for t in tasks}
+    # Two tasks at once run in two processes, and STARTED says which.
+    assert len(started_pids) == 2 and started_pids == active_pids, (started_pids, active)
+    for r in running:
+        assert r.get(timeout=15) == 2
+
+
 def test_result_extended_and_hostname(worker_factory, redis_server, app, redis_client):
     worker_factory(redis_server.url(), "--result-extended", hostname="ext-node@tests")
     r = app.send_task("tori.echo", args=[1, "x"], kwargs={"k": "v"})
