@@ -403,6 +403,10 @@ async fn supervise(
             served += 1;
             let recycle =
                 end.replace.is_none() && cfg.max_tasks_per_child.is_some_and(|max| served >= max);
+            if end.replace.is_some() || recycle {
+                // The next job here goes to a new process: never name this one.
+                shared.set_pid(index, None);
+            }
             // Give our place back before releasing the slot (see `run`).
             shared.push_idle(index);
             let Dispatch { slot, reply, .. } = dispatch;

@@ -145,7 +145,13 @@ impl SignatureCall<'_> {
             json!(py_repr(&Value::Object(kwargs.clone()))),
         );
         headers.insert("origin".into(), json!(self.origin));
-        headers.insert("ignore_result".into(), json!(false));
+        headers.insert(
+            "ignore_result".into(),
+            json!(options
+                .get("ignore_result")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)),
+        );
         headers.insert("replaced_task_nesting".into(), json!(0));
         headers.insert("stamped_headers".into(), Value::Null);
         headers.insert("stamps".into(), json!({}));

@@ -62,7 +62,9 @@ pub struct TaskMessage {
     pub origin: Option<String>,
     pub argsrepr: Option<String>,
     pub kwargsrepr: Option<String>,
-    pub ignore_result: bool,
+    /// The message's `ignore_result` header; when present it overrides
+    /// the task's own setting (Celery's `get_actual_ignore_result`).
+    pub ignore_result: Option<bool>,
     /// Signatures to call with the result on success (`link=`).
     pub callbacks: Vec<Value>,
     /// Signatures to call on failure (`link_error=`).
@@ -74,6 +76,13 @@ pub struct TaskMessage {
 }
 
 impl TaskMessage {
+    /// Whether the result is left unstored: the message's header if it
+    /// has one, else the task's declared `ignore_result`, as Celery 5.7
+    /// decides it (`get_actual_ignore_result`, `Request.store_errors`).
+    pub fn ignores_result(&self, task_default: bool) -> bool {
+        self.ignore_result.unwrap_or(task_default)
+    }
+
     /// Decodes the task carried by `envelope`.
     pub fn decode(envelope: &Envelope) -> Result<Self, DecodeError> {
         let headers = envelope.headers();
@@ -162,10 +171,7 @@ impl TaskMessage {
             origin: str_field(headers, "origin"),
             argsrepr: str_field(headers, "argsrepr"),
             kwargsrepr: str_field(headers, "kwargsrepr"),
-            ignore_result: headers
-                .get("ignore_result")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            ignore_result: headers.get("ignore_result").and_then(Value::as_bool),
             callbacks: list_field(&embed, "callbacks"),
             errbacks: list_field(&embed, "errbacks"),
             chain: list_field(&embed, "chain"),
@@ -203,7 +209,7 @@ impl TaskMessage {
             origin: None,
             argsrepr: None,
             kwargsrepr: None,
-            ignore_result: false,
+            ignore_result: None,
             callbacks: list_field(&body, "callbacks"),
             errbacks: list_field(&body, "errbacks"),
             chain: Vec::new(),

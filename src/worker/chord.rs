@@ -111,7 +111,7 @@ async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]
             }
         }
     }
-    for (env, route) in calls {
+    for (published, (env, route)) in calls.into_iter().enumerate() {
         let body_id = env
             .headers()
             .get("id")
@@ -127,7 +127,15 @@ async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]
             Err(e) => {
                 let message = format!("could not publish the chord body: {e}");
                 tracing::error!(error = %e, "could not publish the chord body; storing FAILURE ChordError for it");
-                return fail_body(ctx, body, &message).await;
+                // Members already published will run; fail the rest.
+                let mut unsent = vec![body];
+                unsent.extend(
+                    group_members(body)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .skip(published),
+                );
+                return fail_signatures(ctx, &unsent, &message).await;
             }
         }
     }
@@ -151,6 +159,11 @@ async fn fail_body(ctx: &Ctx, body: &Value, message: &str) {
     // each member's, so a client waiting on the GroupResult sees it too.
     let mut targets = vec![body];
     targets.extend(group_members(body).unwrap_or_default());
+    fail_signatures(ctx, &targets, message).await;
+}
+
+/// Stores FAILURE ChordError under the task id of each signature.
+async fn fail_signatures(ctx: &Ctx, targets: &[&Value], message: &str) {
     let ids: Vec<&str> = targets
         .iter()
         .filter_map(|sig| sig.get("options")?.get("task_id")?.as_str())

@@ -141,12 +141,11 @@ pub(crate) async fn store_revoked(
         State::Revoked,
         exception_value("celery.exceptions", "TaskRevokedError", &[json!(reason)]),
     );
-    // Celery skips the REVOKED write only for tasks declared with
-    // ignore_result (`Request.store_errors`), not for a message's flag.
-    let store = !ctx
+    let declared = ctx
         .registry
         .get(&msg.task)
         .is_some_and(|t| t.options().ignore_result);
+    let store = !msg.ignores_result(declared);
     record_final(ctx, msg, &doc, tag, store, true).await;
     let name = ctx
         .inflight
@@ -449,8 +448,9 @@ async fn run(
     let running = ctx.pool.run(slot, job);
     // STARTED names the process the pool handed the job to (Celery's pool
     // process writes its own pid), so it is written once that is known;
-    // still before the final state, which this handler writes later.
-    if ctx.cfg.track_started && !(msg.ignore_result || options.ignore_result) {
+    // still before the final state, which this handler writes later. A
+    // process being replaced has no pid yet: then the worker's own.
+    if ctx.cfg.track_started && !msg.ignores_result(options.ignore_result) {
         let pid = match worker_pid.load(std::sync::atomic::Ordering::Relaxed) {
             0 => std::process::id(),
             pid => pid,

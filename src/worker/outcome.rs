@@ -1,8 +1,9 @@
 //! What happens after a task ran: result, workflow messages, ack.
 //!
 //! Order matters and follows Celery: workflow messages (retry republish,
-//! chain links, callbacks) are published before the state is stored, and
-//! the message is acked last — a crash in between re-runs the task rather
+//! chain links, callbacks) are published before the state is stored,
+//! errbacks after it (an old-style errback looks the failure up by id),
+//! and the message is acked last — a crash in between re-runs the task rather
 //! than losing its continuation. A chord header's result is counted in its
 //! chord right after it is stored (`chord.rs`). The task event goes out
 //! last, as in Celery, whose pool process stores the result before the
@@ -52,7 +53,7 @@ impl Finish<'_> {
     }
 
     fn ignore_result(&self) -> bool {
-        self.msg.ignore_result || self.options.ignore_result
+        self.msg.ignores_result(self.options.ignore_result)
     }
 }
 
@@ -268,11 +269,10 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
 async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<String>, secs: f64) {
     tracing::error!(runtime = secs, exception = %exc.repr(), "task failed");
     ctx.metrics.count(&f.msg.task, "failed");
-    call_errbacks(ctx, f).await;
     let traceback = traceback.unwrap_or_else(|| traceback_text(f, &exc, None));
     let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
     doc.traceback = Some(traceback.clone());
-    settle_failure(ctx, f, &doc).await;
+    settle_failure(ctx, f, &doc, f.acks_late).await;
     // Sent whether or not the result is stored, as Celery does: monitors
     // would otherwise show an ignored task as running forever. After the
     // store, as with success.
@@ -310,19 +310,21 @@ async fn call_errbacks(ctx: &Ctx, f: &Finish<'_>) {
     }
 }
 
-/// Celery's `mark_as_failure` after the event: the rest of the chain
-/// fails too, then the task's own FAILURE is stored (unless ignored),
-/// counted in its chord, and the message acked if acking late.
-async fn settle_failure(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
-    // Before this task's own ack: a crash in between fails the links again.
-    super::chain::fail_remaining_links(ctx, f.msg, doc, !f.ignore_result()).await;
-    if f.ignore_result() && f.msg.chord.is_none() {
-        if f.acks_late {
-            ack(ctx, f.tag).await;
-        }
-        return;
+/// Celery's `mark_as_failure`, in its order: this task's FAILURE stored
+/// (unless ignored) and counted in its chord, then the rest of its chain,
+/// then the errbacks (an old-style errback gets the task id to look the
+/// failure up, so it must already be there); acked last when acking late.
+/// Returns false, leaving the message unacked, if the store failed.
+async fn settle_failure(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc, ack_now: bool) -> bool {
+    if !record_final(ctx, f.msg, doc, f.tag, !f.ignore_result(), false).await {
+        return false;
     }
-    finish_with(ctx, f, doc).await;
+    super::chain::fail_remaining_links(ctx, f.msg, doc, !f.ignore_result()).await;
+    call_errbacks(ctx, f).await;
+    if ack_now {
+        ack(ctx, f.tag).await;
+    }
+    true
 }
 
 /// Records the final document (`record_final`): acked here only when
@@ -438,13 +440,15 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
     let max = u64::from(ctx.cfg.max_redeliveries);
     if deaths <= max {
         tracing::warn!(deaths, max_redeliveries = max, reason = %why, "pool process died; task put back on its queue");
-        if let Err(e) = ctx.broker.restore(f.tag, true).await {
-            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
-        }
-        // Celery rejects with requeue here: task-rejected, no task-failed.
+        // Celery rejects with requeue here: task-rejected, no task-failed;
+        // sent before the requeue so it cannot follow the redelivery's
+        // task-received.
         ctx.events.task("task-rejected", |ev| {
             ev.field("uuid", &f.msg.id).field("requeue", &true);
         });
+        if let Err(e) = ctx.broker.restore(f.tag, true).await {
+            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
+        }
         return;
     }
     let message = format!(
@@ -460,12 +464,10 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
     // A failure like any other (errbacks, the rest of the chain, the chord
     // count, task-failed), except that the message goes to the dead-letter
     // list instead of being acked.
-    call_errbacks(ctx, f).await;
     let traceback = traceback_text(f, &exc, None);
     let mut doc = f.doc(ctx, State::Failure, exc_value(&exc));
     doc.traceback = Some(traceback.clone());
-    super::chain::fail_remaining_links(ctx, f.msg, &doc, !f.ignore_result()).await;
-    if !record_final(ctx, f.msg, &doc, f.tag, !f.ignore_result(), false).await {
+    if !settle_failure(ctx, f, &doc, false).await {
         return;
     }
     let raw = f.delivery.raw.clone();
@@ -489,26 +491,33 @@ async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
     tracing::warn!(requeue, %reason, "task rejected its message");
     ctx.metrics.count(&f.msg.task, "rejected");
     if requeue {
-        if let Err(e) = ctx.broker.restore(f.tag, true).await {
-            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
+        if !f.acks_late {
+            // Acked when it started, as in Celery, where reject() then
+            // does nothing: there is no message left to put back.
+            tracing::warn!(
+                "Reject(requeue=True) after an early ack: the message is gone; nothing requeued"
+            );
+            return;
         }
         ctx.events.task("task-rejected", |ev| {
             ev.field("uuid", &f.msg.id).field("requeue", &true);
         });
+        if let Err(e) = ctx.broker.restore(f.tag, true).await {
+            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
+        }
         return;
     }
     // Never to run again, so Celery (request.py `on_failure`) fails it
     // like any error (chain, chord, errbacks; no traceback stored), sends
     // task-failed, and then task-rejected only if the message was still
     // unacked — with an early ack it already was.
-    call_errbacks(ctx, f).await;
     let exc = PyException {
         module: "celery.exceptions".into(),
         name: "Reject".into(),
         args: vec![json!(reason), json!(false)],
     };
     let doc = f.doc(ctx, State::Failure, exc_value(&exc));
-    settle_failure(ctx, f, &doc).await;
+    settle_failure(ctx, f, &doc, f.acks_late).await;
     ctx.events.task("task-failed", |ev| {
         ev.field("uuid", &f.msg.id)
             .field("exception", &format!("reject requeue=False: {reason}"))

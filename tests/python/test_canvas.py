@@ -7,7 +7,6 @@ that can never come. Chords have their own module (test_chords.py).
 from __future__ import annotations
 
 import gc
-import time
 import uuid
 
 import pytest
@@ -97,7 +96,6 @@ def test_reject_without_requeue_fails_like_celery(worker_factory, redis_server, 
     worker_factory(redis_server.url(), *flags)
     events = EventLog(app)
     try:
-        time.sleep(0.5)  # the receiver's queue is bound before any event is sent
         res = chain(app.signature("tori.chaos.reject", args=["nope"]),
                     app.signature("tori.echo", args=[2])).apply_async()
         rejecter_id = res.parent.id
@@ -106,7 +104,8 @@ def test_reject_without_requeue_fails_like_celery(worker_factory, redis_server, 
         assert type(info.value).__name__ == "Reject", repr(info.value)
         meta = app.AsyncResult(rejecter_id)._get_task_meta()
         assert meta["status"] == "FAILURE" and meta["traceback"] is None, meta
-        assert redis_client.hlen("unacked") == 0
+        wait_for(lambda: redis_client.hlen("unacked") == 0, 10,
+                 message="the rejected message was never settled")
         expected = ["task-received", "task-started", "task-failed"] + \
             (["task-rejected"] if acks_late else [])
         wait_for(lambda: events.types(rejecter_id) == expected, 10,

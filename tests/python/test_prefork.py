@@ -568,7 +568,6 @@ def test_poison_task(worker_factory, redis_server, app, redis_client, reject):
         args.append("--reject-on-worker-lost")
     w = worker_factory(redis_server.url(), *args)
     events = EventLog(app)
-    time.sleep(0.5)  # the receiver's queue is bound before any event is sent
     t0 = time.monotonic()
     poison = app.send_task("tori.chaos.segfault")
     echoes = [app.send_task("tori.echo", args=[i]) for i in range(20)]

@@ -122,28 +122,31 @@ def event_order(text: str, task_ids: Iterable[str], word: str) -> list[str]:
 
 class EventLog:
     """Task events as Celery's own receiver gets them (the path Flower
-    uses), collected on a thread while the test runs."""
+    uses), collected on a thread while the test runs. The constructor
+    returns once the receiver's subscription is live in Redis (events are
+    plain pub/sub: anything sent before that is gone), and the receiver
+    keeps one subscription until ``close()``."""
 
-    def __init__(self, app):
+    def __init__(self, app, timeout: float = 10.0):
         self.events: list[dict] = []
+        client = redis.Redis.from_url(app.conf.broker_url)
+        patterns_before = client.execute_command("PUBSUB", "NUMPAT")
         self._conn = app.connection_for_read()
         self._recv = app.events.Receiver(self._conn, handlers={"*": self.events.append})
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: self._recv.capture(limit=None, timeout=None, wakeup=False), daemon=True)
         self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self._recv.capture(limit=None, timeout=0.2, wakeup=False)
-            except (socket.timeout, TimeoutError):
-                continue
+        try:
+            wait_for(lambda: client.execute_command("PUBSUB", "NUMPAT") > patterns_before, timeout,
+                     message="Celery's event receiver never subscribed")
+        finally:
+            client.close()
 
     def types(self, task_id: str) -> list[str]:
         return [e["type"] for e in list(self.events) if e.get("uuid") == task_id]
 
     def close(self):
-        self._stop.set()
+        self._recv.should_stop = True
         self._thread.join(5)
         self._conn.release()
 
