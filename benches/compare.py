@@ -891,6 +891,24 @@ def targets(data) -> list[str]:
     L = ["## Targets of issue #7 (this run's medians)\n", "| target | measured | met |", "| --- | --- | --- |"]
     L += [f"| {a} | {b} | {'yes' if ok else '**no**'} |" for a, b, ok in rows]
     L.append("")
+    ceiling = []
+    for case in ("results, events off", "no results, events off"):
+        runs = d.get(case)
+        if not runs or not all(runs[s] for s in SIDES):
+            continue
+        tot = {}
+        for side in SIDES:
+            w = m([x["cpu_us_per_task"] for x in runs[side]])
+            r = m([x.get("redis_cpu_us_per_task") for x in runs[side]])
+            if w is None or r is None:
+                break
+            tot[side] = w + r
+        else:
+            ceiling.append(f"{case}: tori {tot['tori']:,.0f} µs, Python {tot['python']:,.0f} µs, "
+                           f"{tot['python'] / tot['tori']:.1f}×")
+    if ceiling:
+        L.append("Worker + Redis CPU per no-op task (what the drain ratio follows on cores the worker and "
+                 "Redis share): " + "; ".join(ceiling) + ".\n")
     return L
 
 
