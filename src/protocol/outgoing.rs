@@ -240,6 +240,27 @@ mod tests {
     }
 
     #[test]
+    fn signature_ignore_result_reaches_the_message_header() {
+        let first = TaskMessage::decode(&vector("task_chain_first")).unwrap();
+        let mut next = first.chain.last().unwrap().clone();
+        let build = |sig: &Value| {
+            let call = SignatureCall {
+                signature: sig,
+                parent_result: None,
+                parent_id: "p",
+                root_id: "r",
+                chain: Vec::new(),
+                origin: "gen1@vm",
+                default_queue: "celery",
+            };
+            TaskMessage::decode(&call.build().unwrap().0).unwrap()
+        };
+        assert_eq!(build(&next).ignore_result, Some(false));
+        next["options"]["ignore_result"] = json!(true);
+        assert_eq!(build(&next).ignore_result, Some(true));
+    }
+
+    #[test]
     fn retry_republish_matches_capture() {
         let original = vector("task_retry_republish_0");
         let msg = TaskMessage::decode(&original).unwrap();

@@ -399,6 +399,21 @@ mod tests {
         assert!(checked >= 20, "only {checked} vectors checked");
     }
 
+    /// Celery's `get_actual_ignore_result`: a message's header, when it
+    /// has one, wins over the task's own setting either way.
+    #[test]
+    fn ignore_result_header_overrides_the_task_setting() {
+        let v2 = TaskMessage::decode(&vector("task_delay_add_2_3")).unwrap();
+        assert_eq!(v2.ignore_result, Some(false));
+        assert!(!v2.ignores_result(true));
+        let mut ignoring = v2.clone();
+        ignoring.ignore_result = Some(true);
+        assert!(ignoring.ignores_result(false));
+        let v1 = TaskMessage::decode(&vector("task_protocol1")).unwrap();
+        assert_eq!(v1.ignore_result, None);
+        assert!(v1.ignores_result(true) && !v1.ignores_result(false));
+    }
+
     #[test]
     fn delay_add_2_3() {
         let msg = TaskMessage::decode(&vector("task_delay_add_2_3")).unwrap();
