@@ -276,9 +276,14 @@ async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<Str
     // Sent whether or not the result is stored, as Celery does: monitors
     // would otherwise show an ignored task as running forever. After the
     // store, as with success.
+    send_failed(ctx, f, &exc.repr(), &traceback);
+}
+
+/// `task-failed`, sent after the failure is settled (see the module doc).
+fn send_failed(ctx: &Ctx, f: &Finish<'_>, exception: &str, traceback: &str) {
     ctx.events.task("task-failed", |ev| {
         ev.field("uuid", &f.msg.id)
-            .field("exception", &exc.repr())
+            .field("exception", &exception)
             .field("traceback", &traceback);
     });
 }
@@ -480,11 +485,7 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
     } else {
         ctx.inflight.mark_acked(f.tag);
     }
-    ctx.events.task("task-failed", |ev| {
-        ev.field("uuid", &f.msg.id)
-            .field("exception", &exc.repr())
-            .field("traceback", &traceback);
-    });
+    send_failed(ctx, f, &exc.repr(), &traceback);
 }
 
 async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
@@ -518,11 +519,12 @@ async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
     };
     let doc = f.doc(ctx, State::Failure, exc_value(&exc));
     settle_failure(ctx, f, &doc, f.acks_late).await;
-    ctx.events.task("task-failed", |ev| {
-        ev.field("uuid", &f.msg.id)
-            .field("exception", &format!("reject requeue=False: {reason}"))
-            .field("traceback", &traceback_text(f, &exc, None));
-    });
+    send_failed(
+        ctx,
+        f,
+        &format!("reject requeue=False: {reason}"),
+        &traceback_text(f, &exc, None),
+    );
     if f.acks_late {
         ctx.events.task("task-rejected", |ev| {
             ev.field("uuid", &f.msg.id).field("requeue", &false);
