@@ -12,6 +12,11 @@
 //! Every batched write must be safe to repeat: after a connection error
 //! the whole batch is sent again (the caller cannot know whether Redis
 //! applied it), which is what the single-call retry did too.
+//!
+//! A write may also be *deferred*: it waits for the next ordinary write to
+//! ride along with, or for [`LINGER`] at most. Early acks use it: the ack
+//! of a task and the result of the same (or another) task then share one
+//! round trip, where each cost one.
 
 use redis::{Cmd, RedisError, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -21,8 +26,12 @@ use crate::redis_link::RedisLink;
 /// Requests taken into one pipeline at most.
 const MAX_REQUESTS: usize = 256;
 
+/// The longest a deferred write waits for company.
+pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+
 struct Request {
     cmds: Vec<Cmd>,
+    deferred: bool,
     reply: oneshot::Sender<Result<Vec<Value>, RedisError>>,
 }
 
@@ -57,11 +66,47 @@ impl Batcher {
     /// [`Value::ServerError`] in its place, an error that retrying cannot
     /// fix ends the whole request.
     pub(crate) async fn submit(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, RedisError> {
+        self.enqueue(cmds, false).await
+    }
+
+    /// Like [`Batcher::submit`], but the commands wait up to [`LINGER`]
+    /// for an ordinary write to share the round trip with. The request is
+    /// queued when this is called, not when the future is first polled, so
+    /// a caller can defer a write and go on.
+    pub(crate) fn submit_deferred(
+        &self,
+        cmds: Vec<Cmd>,
+    ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
+        self.enqueue(cmds, true)
+    }
+
+    /// Queues an empty ordinary request: the deferred ones waiting go now.
+    pub(crate) fn submit_deferred_flush(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
+        self.enqueue(Vec::new(), false)
+    }
+
+    fn enqueue(
+        &self,
+        cmds: Vec<Cmd>,
+        deferred: bool,
+    ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Request { cmds, reply }).is_err() {
-            return Err(stopped());
+        let sent = self
+            .tx
+            .send(Request {
+                cmds,
+                deferred,
+                reply,
+            })
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(stopped());
+            }
+            rx.await.unwrap_or_else(|_| Err(stopped()))
         }
-        rx.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
@@ -76,24 +121,63 @@ async fn run(
     weak: std::sync::Weak<crate::redis_link::LinkInner>,
     mut rx: mpsc::UnboundedReceiver<Request>,
 ) {
+    // Deferred requests wait in `batch` until `due` or an ordinary request.
     let mut batch: Vec<Request> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut due: Option<tokio::time::Instant> = None;
+    loop {
+        let wake = match due {
+            None => rx.recv().await.map_or(Wake::Closed, Wake::Got),
+            Some(at) => tokio::select! {
+                r = rx.recv() => r.map_or(Wake::Closed, Wake::Got),
+                _ = tokio::time::sleep_until(at) => Wake::Linger,
+            },
+        };
+        let closed = matches!(wake, Wake::Closed);
+        match wake {
+            Wake::Got(r) if r.deferred && batch.len() + 1 < MAX_REQUESTS => {
+                due.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+                batch.push(r);
+                continue;
+            }
+            Wake::Got(r) => batch.push(r),
+            Wake::Linger => {}
+            Wake::Closed if batch.is_empty() => return,
+            Wake::Closed => {}
+        }
+        due = None;
         let Some(link) = RedisLink::upgrade(&weak) else {
             return;
         };
-        batch.push(first);
-        while batch.len() < MAX_REQUESTS {
+        while !closed && batch.len() < MAX_REQUESTS {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
         send(&link, &mut batch).await;
+        if closed {
+            return;
+        }
     }
+}
+
+/// What woke the batch loop.
+enum Wake {
+    Got(Request),
+    /// The oldest deferred request has waited long enough.
+    Linger,
+    /// Every submitting handle is gone.
+    Closed,
 }
 
 /// Sends one batch and hands each request its slice of the replies.
 async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
+    if batch.iter().all(|r| r.cmds.is_empty()) {
+        for req in batch.drain(..) {
+            let _ = req.reply.send(Ok(Vec::new()));
+        }
+        return;
+    }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for req in batch.iter() {
@@ -169,15 +253,17 @@ mod tests {
         Server { child, port }
     }
 
+    /// A private server and a link to it (the server stops when dropped).
+    fn redis_and_link() -> (Server, RedisLink) {
+        let server = start_redis();
+        let url = format!("redis://127.0.0.1:{}/0", server.port);
+        let link = RedisLink::open(&url, "test", Duration::from_secs(5)).unwrap();
+        (server, link)
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn concurrent_callers_get_their_own_replies_and_errors() {
-        let server = start_redis();
-        let link = RedisLink::open(
-            &format!("redis://127.0.0.1:{}/0", server.port),
-            "test",
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let (_server, link) = redis_and_link();
         let mut calls = tokio::task::JoinSet::new();
         for i in 0..200u32 {
             let link = link.clone();
@@ -217,6 +303,42 @@ mod tests {
             .await
             .unwrap();
         assert!(info.contains("cmdstat_set:calls=200"), "{info}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_deferred_write_waits_for_company_but_never_past_the_next_write() {
+        use futures_util::FutureExt;
+        let (_server, link) = redis_and_link();
+        link.batched(vec![redis::cmd("PING")]).await.unwrap();
+
+        // Alone: sent when the linger runs out, not before.
+        let started = tokio::time::Instant::now();
+        let alone = link.batched_deferred(vec![redis::cmd("SET").arg("a").arg(1).clone()]);
+        alone.await.unwrap();
+        assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
+
+        // Followed by an ordinary write: it goes no later than that write,
+        // and first, as it was queued first.
+        let mut deferred =
+            Box::pin(link.batched_deferred(vec![redis::cmd("SET").arg("b").arg(1).clone()]));
+        let ordinary = link
+            .batched(vec![
+                redis::cmd("GET").arg("b").clone(),
+                redis::cmd("SET").arg("b").arg(2).clone(),
+            ])
+            .await
+            .unwrap();
+        let got: Option<u32> = redis::from_redis_value(ordinary[0].clone()).unwrap();
+        assert_eq!(got, Some(1), "the deferred write was not applied first");
+        assert!(
+            deferred.as_mut().now_or_never().is_some(),
+            "the deferred write is still waiting after a later write was answered"
+        );
+
+        // Flushed on request, without a linger.
+        let flushed = link.batched_deferred(vec![redis::cmd("SET").arg("c").arg(1).clone()]);
+        link.send_deferred_now();
+        flushed.await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -137,11 +137,28 @@ impl RedisLink {
     /// is away. One reply per command; refused commands are
     /// [`Value::ServerError`]s in place.
     pub async fn batched(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, RedisError> {
-        let batcher = self
-            .inner
+        self.batcher().submit(cmds).await
+    }
+
+    /// [`RedisLink::batched`] for a write that may wait (up to
+    /// `redis_batch::LINGER`) to share a round trip with the next one. It
+    /// is queued now; the future only waits for the replies.
+    pub fn batched_deferred(
+        &self,
+        cmds: Vec<Cmd>,
+    ) -> impl Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
+        self.batcher().submit_deferred(cmds)
+    }
+
+    /// Sends the deferred writes that are waiting, without waiting.
+    pub fn send_deferred_now(&self) {
+        drop(self.batcher().submit_deferred_flush());
+    }
+
+    fn batcher(&self) -> &crate::redis_batch::Batcher {
+        self.inner
             .batcher
-            .get_or_init(|| crate::redis_batch::Batcher::start(Arc::downgrade(&self.inner)));
-        batcher.submit(cmds).await
+            .get_or_init(|| crate::redis_batch::Batcher::start(Arc::downgrade(&self.inner)))
     }
 
     pub(crate) fn upgrade(inner: &Weak<LinkInner>) -> Option<Self> {

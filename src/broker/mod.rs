@@ -64,6 +64,25 @@ pub struct Broker {
     config: BrokerConfig,
 }
 
+/// kombu's `unacked` hash value: `[message, exchange, routing_key]`.
+fn unacked_entry(raw: &str, exchange: &str, routing_key: &str) -> String {
+    format!(
+        "[{raw}, {}, {}]",
+        serde_json::Value::from(exchange),
+        serde_json::Value::from(routing_key)
+    )
+}
+
+/// An ack's MULTI/ZREM/HDEL/EXEC replies: an error if Redis refused any.
+fn ack_replies(replies: Result<Vec<RedisValue>, RedisError>) -> Result<(), RedisError> {
+    for reply in replies? {
+        if let RedisValue::ServerError(e) = reply {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
 fn now_epoch() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -192,15 +211,23 @@ impl Broker {
             .arg(preset_msg)
             .arg(preset_index);
         let reply: Vec<RedisValue> = inv.invoke_async(&mut conn).await?;
-        let mut out = Vec::with_capacity(reply.len() / 4);
-        for item in reply.chunks(4) {
-            let [q, msg, status, tag] = item else {
+        let mut out = Vec::with_capacity(reply.len() / 6);
+        let mut fix = redis::pipe();
+        fix.atomic();
+        let mut needs_fix = false;
+        for item in reply.chunks(6) {
+            let [q, msg, status, tag, ex, rk] = item else {
                 continue;
             };
             let q: usize = redis::from_redis_value_ref(q)?;
             let raw: Vec<u8> = redis::from_redis_value_ref(msg)?;
             let status: i64 = redis::from_redis_value_ref(status)?;
             let tag: String = redis::from_redis_value_ref(tag)?;
+            let recorded = (
+                tag.as_str(),
+                redis::from_redis_value_ref::<String>(ex)?,
+                redis::from_redis_value_ref::<String>(rk)?,
+            );
             let queue = order.get(q.saturating_sub(1)).cloned().unwrap_or_default();
             let raw = match String::from_utf8(raw) {
                 Ok(raw) => raw,
@@ -217,11 +244,40 @@ impl Broker {
             };
             if status == 1 {
                 match Envelope::parse(raw.as_bytes()) {
-                    Ok(envelope) => out.push(Fetched::Message(Delivery {
-                        queue,
-                        raw,
-                        envelope,
-                    })),
+                    Ok(envelope) if envelope.delivery_tag().is_empty() => {
+                        out.push(Fetched::Unreadable {
+                            queue,
+                            raw,
+                            tag,
+                            error: "envelope has no properties.delivery_tag".into(),
+                        })
+                    }
+                    Ok(envelope) => {
+                        let actual = (
+                            envelope.delivery_tag(),
+                            envelope.exchange(),
+                            envelope.routing_key(),
+                        );
+                        if actual != (recorded.0, recorded.1.as_str(), recorded.2.as_str()) {
+                            // The script's text search read another
+                            // layout wrongly: record it as parsed.
+                            tracing::warn!(recorded = ?recorded, parsed = ?actual, "unusual envelope layout; re-recording its unacked entry");
+                            needs_fix = true;
+                            fix.zrem(&k.unacked_index, &tag)
+                                .hdel(&k.unacked, &tag)
+                                .zadd(&k.unacked_index, actual.0, now_epoch())
+                                .hset(
+                                    &k.unacked,
+                                    actual.0,
+                                    unacked_entry(&raw, actual.1, actual.2),
+                                );
+                        }
+                        out.push(Fetched::Message(Delivery {
+                            queue,
+                            raw,
+                            envelope,
+                        }))
+                    }
                     Err(e) => out.push(Fetched::Unreadable {
                         queue,
                         raw,
@@ -233,6 +289,14 @@ impl Broker {
                 out.push(Fetched::DeadLettered { queue, raw });
             }
         }
+        if needs_fix {
+            // Not retried with the reservation (that would pop again): if
+            // this fails, the wrongly keyed entry is restored by the sweep
+            // after the visibility timeout, so the message is not lost.
+            if let Err(e) = fix.query_async::<()>(&mut conn).await {
+                tracing::error!(error = %e, "could not re-record an unacked entry; the message may run twice");
+            }
+        }
         Ok(out)
     }
 
@@ -240,22 +304,34 @@ impl Broker {
     /// as kombu does). Goes out with the other writes ready at the same
     /// moment (`RedisLink::batched`); returns once Redis applied it.
     pub async fn ack(&self, tag: &str) -> Result<(), RedisError> {
+        ack_replies(self.link.batched(self.ack_cmds(tag)).await)
+    }
+
+    /// An ack that may wait a moment (`redis_batch::LINGER`) to travel with
+    /// the next write, such as the task's own result: for an early ack,
+    /// which nothing waits on. Queued when called.
+    pub fn ack_deferred(
+        &self,
+        tag: &str,
+    ) -> impl std::future::Future<Output = Result<(), RedisError>> + Send + 'static {
+        let replies = self.link.batched_deferred(self.ack_cmds(tag));
+        async move { ack_replies(replies.await) }
+    }
+
+    /// Sends deferred writes (`ack_deferred`) now instead of letting them
+    /// linger.
+    pub fn send_deferred_now(&self) {
+        self.link.send_deferred_now();
+    }
+
+    fn ack_cmds(&self, tag: &str) -> Vec<redis::Cmd> {
         let k = &self.config.keys;
-        let replies = self
-            .link
-            .batched(vec![
-                redis::cmd("MULTI"),
-                redis::cmd("ZREM").arg(&k.unacked_index).arg(tag).clone(),
-                redis::cmd("HDEL").arg(&k.unacked).arg(tag).clone(),
-                redis::cmd("EXEC"),
-            ])
-            .await?;
-        for reply in replies {
-            if let RedisValue::ServerError(e) = reply {
-                return Err(e.into());
-            }
-        }
-        Ok(())
+        vec![
+            redis::cmd("MULTI"),
+            redis::cmd("ZREM").arg(&k.unacked_index).arg(tag).clone(),
+            redis::cmd("HDEL").arg(&k.unacked).arg(tag).clone(),
+            redis::cmd("EXEC"),
+        ]
     }
 
     /// Moves an unacked message to the dead-letter list with a reason, in

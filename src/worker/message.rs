@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tasks::{CancelFlag, ProgressSink};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -361,6 +362,12 @@ impl ProgressSink for ChannelProgress {
     }
 }
 
+fn log_failed_ack(acked: Result<(), redis::RedisError>) {
+    if let Err(e) = acked {
+        tracing::error!(error = %e, "early ack failed; the message will be redelivered after the visibility timeout");
+    }
+}
+
 async fn run(
     ctx: &Arc<Ctx>,
     delivery: &Delivery,
@@ -464,18 +471,30 @@ async fn run(
             tracing::warn!(error = %e, "could not store STARTED");
         }
     }
-    // An early ack goes out while the pool process starts the job, as
-    // Celery acks once the pool accepted it: waiting for it first put a
-    // Redis round trip between every two tasks of a pool process.
-    if !acks_late {
-        ack(ctx, tag).await;
-    }
+    // An early ack goes out while the pool process runs the job, as Celery
+    // acks once the pool accepted it; it is deferred a moment (at most
+    // `redis_batch::LINGER`) so that it shares a round trip with the next
+    // write, often this task's own result. The message counts as acked
+    // from here: a cold shutdown does not put it back, and it stops
+    // counting against prefetch, as with kombu's QoS (which counts unacked
+    // deliveries). If the ack fails, the lease is no longer renewed and
+    // the visibility timeout restores the message: never lost either way.
+    let mut permit = permit;
+    let mut early_ack = (!acks_late).then(|| {
+        ctx.inflight.mark_acked(tag);
+        drop(permit.take());
+        Box::pin(ctx.broker.ack_deferred(tag))
+    });
     tokio::pin!(running);
     let result = loop {
         tokio::select! {
             biased;
             done = &mut running => break done,
             Some(meta) = progress_rx.recv() => write_progress(meta).await,
+            acked = async { early_ack.as_mut().expect("guarded by the condition").await }, if early_ack.is_some() => {
+                early_ack = None;
+                log_failed_ack(acked);
+            }
         }
     };
     let runtime = started.elapsed();
@@ -499,10 +518,22 @@ async fn run(
         result,
     )
     .await;
+    // Usually it left with the result just written; if nothing was
+    // written (an ignored result), it is sent now rather than lingering.
+    if let Some(mut pending) = early_ack.take() {
+        let acked = match pending.as_mut().now_or_never() {
+            Some(acked) => acked,
+            None => {
+                ctx.broker.send_deferred_now();
+                pending.await
+            }
+        };
+        log_failed_ack(acked);
+    }
     ctx.processed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Held until the message is settled (result stored, acked or put
-    // back): a message put back must not be fetched again by this worker
-    // while its first handler is still finishing.
+    // A late-ack message's permit is held until it is settled (result
+    // stored, acked or put back): a message put back must not be fetched
+    // again by this worker while its first handler is still finishing.
     drop(permit);
 }

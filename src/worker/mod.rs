@@ -181,7 +181,14 @@ impl Worker {
         // connection dead. Other commands are quick.
         let broker_link = RedisLink::open(&cfg.broker_url, "broker", Duration::from_secs(10))?;
         let blocking = RedisLink::open(&cfg.broker_url, "consumer", Duration::from_secs(10))?;
-        let backend_link = RedisLink::open(&cfg.backend_url, "backend", Duration::from_secs(10))?;
+        // The same Redis for both (the usual setup): one connection, so a
+        // task's result and another's ack leave in one pipeline (see
+        // `redis_batch`) instead of one round trip each on two sockets.
+        let backend_link = if cfg.backend_url == cfg.broker_url {
+            broker_link.clone()
+        } else {
+            RedisLink::open(&cfg.backend_url, "backend", Duration::from_secs(10))?
+        };
         let broker = Broker::new(
             broker_link,
             blocking,

@@ -30,6 +30,7 @@ from tori_harness import (
     entry_raw_text,
     event_order,
     garbage_message,
+    good_envelope_dict,
     meta_key,
     observe_states,
     read_meta,
@@ -271,6 +272,56 @@ def test_malformed_envelopes_dead_lettered(app, tori_worker, redis_client):
     assert not missing, f"kinds not dead-lettered: {missing}"
     assert redis_client.llen("celery") == 0
     assert tori_worker.alive()
+
+
+def test_unacked_entries_are_kombus_whatever_the_envelope_layout(worker_factory, redis_server, app,
+                                                                 redis_client):
+    """The reserve script reads the delivery tag and delivery_info from the end of kombu's layout
+    by text search instead of decoding the JSON. Every other layout must still be recorded as
+    kombu would: key = properties.delivery_tag, value = [message, exchange, routing_key]. One
+    layout below fools the text search on purpose (an extra object ends the envelope with its own
+    delivery_tag key), which the worker must notice and repair."""
+    w = worker_factory(redis_server.url(), "--concurrency", "4", "--acks-late")
+    cases = {}
+
+    def add(name, env: dict, text: str | None = None):
+        cases[name] = (env, text if text is not None else json.dumps(env))
+
+    add("kombu", good_envelope_dict("tori.sleep", str(uuid.uuid4()), args=[3]))
+    fooled = good_envelope_dict("tori.sleep", str(uuid.uuid4()), args=[3])
+    # padded so that the real delivery_tag is out of the script's 300-byte window at the end
+    # while the real delivery_info is still within its 600-byte window before the fake tag
+    fooled["x-extra"] = {"pad": "p" * 300, "delivery_tag": "not-the-tag-" + uuid.uuid4().hex}
+    add("fooled", fooled)
+    escaped = good_envelope_dict("tori.sleep", str(uuid.uuid4()), args=[3])
+    add("escaped", escaped, json.dumps(escaped).replace('"routing_key": "celery"',
+                                                       '"routing_key": "\\u0063elery"'))
+    compact = good_envelope_dict("tori.sleep", str(uuid.uuid4()), args=[3])
+    add("compact", compact, json.dumps(compact, separators=(",", ":")))
+    assert "\\u0063elery" in cases["escaped"][1]
+
+    for _, text in cases.values():
+        redis_client.lpush("celery", text)
+    tags = {env["properties"]["delivery_tag"]: name for name, (env, _) in cases.items()}
+    wait_for(lambda: redis_client.hlen("unacked") >= len(cases), 10,
+             message=lambda: f"unacked holds {redis_client.hlen('unacked')} of {len(cases)}")
+    time.sleep(0.3)  # the repair follows the reservation in the same call
+
+    held = dict(redis_client.hgetall("unacked"))
+    assert set(held) == set(tags), f"unacked keys {sorted(held)} != delivery tags {sorted(tags)}"
+    assert set(redis_client.zrange("unacked_index", 0, -1)) == set(tags)
+    for tag, value in held.items():
+        env, text = cases[tags[tag]]
+        assert value.startswith("[" + text + ", "), f"{tags[tag]}: entry does not hold the message"
+        info = env["properties"]["delivery_info"]
+        assert json.loads(value)[1:] == [info["exchange"], info["routing_key"]], tags[tag]
+    assert w.log_text().count("unusual envelope layout") == 1, \
+        "the fooled layout was not noticed (or others were wrongly flagged)"
+
+    for env, _ in cases.values():
+        assert AsyncResult(env["headers"]["id"], app=app).get(timeout=20) == 3
+    wait_for(lambda: redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0,
+             10, message="acked messages left in unacked")
 
 
 def test_dead_letter_key_option(worker_factory, redis_server, app, redis_client):
