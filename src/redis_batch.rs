@@ -80,13 +80,6 @@ impl Batcher {
         self.enqueue(cmds, true)
     }
 
-    /// Queues an empty ordinary request: the deferred ones waiting go now.
-    pub(crate) fn submit_deferred_flush(
-        &self,
-    ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
-        self.enqueue(Vec::new(), false)
-    }
-
     fn enqueue(
         &self,
         cmds: Vec<Cmd>,
@@ -334,11 +327,6 @@ mod tests {
             deferred.as_mut().now_or_never().is_some(),
             "the deferred write is still waiting after a later write was answered"
         );
-
-        // Flushed on request, without a linger.
-        let flushed = link.batched_deferred(vec![redis::cmd("SET").arg("c").arg(1).clone()]);
-        link.send_deferred_now();
-        flushed.await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -150,11 +150,6 @@ impl RedisLink {
         self.batcher().submit_deferred(cmds)
     }
 
-    /// Sends the deferred writes that are waiting, without waiting.
-    pub fn send_deferred_now(&self) {
-        drop(self.batcher().submit_deferred_flush());
-    }
-
     fn batcher(&self) -> &crate::redis_batch::Batcher {
         self.inner
             .batcher

@@ -318,12 +318,6 @@ impl Broker {
         async move { ack_replies(replies.await) }
     }
 
-    /// Sends deferred writes (`ack_deferred`) now instead of letting them
-    /// linger.
-    pub fn send_deferred_now(&self) {
-        self.link.send_deferred_now();
-    }
-
     fn ack_cmds(&self, tag: &str) -> Vec<redis::Cmd> {
         let k = &self.config.keys;
         vec![

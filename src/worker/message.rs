@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tasks::{CancelFlag, ProgressSink};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -518,17 +517,11 @@ async fn run(
         result,
     )
     .await;
-    // Usually it left with the result just written; if nothing was
-    // written (an ignored result), it is sent now rather than lingering.
-    if let Some(mut pending) = early_ack.take() {
-        let acked = match pending.as_mut().now_or_never() {
-            Some(acked) => acked,
-            None => {
-                ctx.broker.send_deferred_now();
-                pending.await
-            }
-        };
-        log_failed_ack(acked);
+    // Usually it left with the result just written. If nothing was written
+    // (an ignored result) it may still linger, to leave with other tasks'
+    // acks: nothing waits on it, as its prefetch slot is already free.
+    if let Some(pending) = early_ack.take() {
+        log_failed_ack(pending.await);
     }
     ctx.processed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
