@@ -237,6 +237,34 @@ async fn life(
 ) {
     tracing::info!(queue = %delivery.queue, retries = msg.retries, protocol = msg.protocol, "task received");
     ctx.metrics.count(&msg.task, "received");
+
+    // Celery's order: an unknown task fails in the consumer, a revoked or
+    // already expired one is announced as revoked, and neither is
+    // "received" (no task-received event; only the log line above).
+    let Some(task) = ctx.registry.get(&msg.task) else {
+        tracing::error!("received unregistered task; storing FAILURE NotRegistered");
+        ctx.metrics.count(&msg.task, "failed");
+        let doc = StateDoc::new(
+            &msg.id,
+            State::Failure,
+            exception_value("celery.exceptions", "NotRegistered", &[json!(msg.task)]),
+        );
+        store_then_ack(ctx, &doc, tag).await;
+        ctx.events.task("task-failed", |ev| {
+            ev.field("uuid", &msg.id)
+                .field("exception", &format!("NotRegistered('{}')", msg.task));
+        });
+        return;
+    };
+    if ctx.revoked.contains(&msg.id) {
+        tracing::warn!("task was revoked; discarding it");
+        store_revoked(ctx, &msg, tag, "revoked", None, false).await;
+        return;
+    }
+    if revoke_if_expired(ctx, &msg, tag).await {
+        return;
+    }
+
     ctx.events.task("task-received", |ev| {
         ev.field("uuid", &msg.id)
             .field("name", &msg.task)
@@ -254,11 +282,6 @@ async fn life(
                 &msg.expires.map(crate::protocol::task_message::format_time),
             );
     });
-    if ctx.revoked.contains(&msg.id) {
-        tracing::warn!("task was revoked; discarding it");
-        store_revoked(ctx, &msg, tag, "revoked", None, false).await;
-        return;
-    }
 
     // A redelivery of a task that already finished (the worker died between
     // storing the result and acking) must not run again.
@@ -274,26 +297,6 @@ async fn life(
                 tracing::warn!(error = %e, "could not check the stored state of a redelivered task")
             }
         }
-    }
-
-    let Some(task) = ctx.registry.get(&msg.task) else {
-        tracing::error!("received unregistered task; storing FAILURE NotRegistered");
-        ctx.metrics.count(&msg.task, "failed");
-        ctx.events.task("task-failed", |ev| {
-            ev.field("uuid", &msg.id)
-                .field("exception", &format!("NotRegistered('{}')", msg.task));
-        });
-        let doc = StateDoc::new(
-            &msg.id,
-            State::Failure,
-            exception_value("celery.exceptions", "NotRegistered", &[json!(msg.task)]),
-        );
-        store_then_ack(ctx, &doc, tag).await;
-        return;
-    };
-
-    if revoke_if_expired(ctx, &msg, tag).await {
-        return;
     }
 
     if let Some(eta) = msg.eta {

@@ -698,3 +698,44 @@ def test_statedb_keeps_revoked_ids_across_restarts(redis_server, worker_factory,
     wait_for(lambda: "discarding" in second.log_text() and task_id in second.log_text(),
              timeout=10, message="revoked message not discarded")
     assert res.state == "REVOKED"
+
+
+# --------------------------------------------------------------------------
+# task-received only for tasks the worker will run
+# --------------------------------------------------------------------------
+
+def test_tasks_refused_on_receipt_send_no_task_received(redis_server, worker_factory, app):
+    """Celery sends task-received only after a message passed the checks made on
+    receipt (strategy.py): an unknown task gets task-failed alone (consumer
+    on_unknown_task), a revoked or already expired one task-revoked alone.
+    Flower counts task-received as "Processed", so an extra one is visible."""
+    import datetime as dt
+
+    from tori_harness import EventLog
+
+    worker_factory(redis_server.url(), "-E", "--concurrency", "1", hostname="recv1@tests")
+    revoked_id = "receipt-revoked-0001"
+    reply = app.control.revoke(revoked_id, destination=["recv1@tests"], reply=True, timeout=1)
+    assert reply and "flagged as revoked" in reply[0]["recv1@tests"]["ok"]
+    events = EventLog(app)
+    try:
+        unknown = app.send_task("tori.no_such_task", args=[1])
+        revoked = app.send_task("tori.echo", args=["revoked"], task_id=revoked_id)
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=30)
+        expired = app.send_task("tori.echo", args=["expired"], expires=past)
+        fine = app.send_task("tori.echo", args=["fine"])
+        assert fine.get(timeout=15) == {"args": ["fine"], "kwargs": {}}
+        expected = {
+            unknown.id: ["task-failed"],
+            revoked.id: ["task-revoked"],
+            expired.id: ["task-revoked"],
+            fine.id: ["task-received", "task-started", "task-succeeded"],
+        }
+        wait_for(lambda: {t: events.types(t) for t in expected} == expected, 10,
+                 message=lambda: f"events {({t: events.types(t) for t in expected})}, "
+                                 f"expected {expected}")
+        assert [r.state for r in (unknown, revoked, expired)] == ["FAILURE", "REVOKED", "REVOKED"]
+        by_id = {e["uuid"]: e for e in events.events if e["type"] == "task-revoked"}
+        assert by_id[expired.id]["expired"] is True and by_id[revoked.id]["expired"] is False
+    finally:
+        events.close()
