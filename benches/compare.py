@@ -928,7 +928,8 @@ def render_scale(meta, sc, cmdline) -> str:
          f"| states | {', '.join(f'{k} {v:,}' for k, v in sc['states'].items())} |",
          f"| dead-lettered | {sc['dead_letter']} |",
          f"| jobs/s overall | {sc['jobs_per_s']:.1f} |",
-         f"| jobs/s per window (10 windows) | {', '.join(str(x) for x in sc['rate_per_window'])} |",
+         f"| jobs/s per window ({len(sc['rate_per_window'])} equal windows in order) | "
+         f"{', '.join(str(x) for x in sc['rate_per_window'])} |",
          f"| Redis bytes per pending job | {sc['redis_bytes_per_pending']:.0f} |",
          f"| Redis bytes per finished job (result kept) | {sc['redis_bytes_per_finished']:.0f} |",
          "", SCALE_END]
