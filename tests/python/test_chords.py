@@ -67,7 +67,14 @@ def test_chord_with_failed_header_fails_body_with_chord_error(worker_factory, re
     # get() checks parents), as it does with Python workers...
     with pytest.raises(RuntimeError, match="header two broke"):
         res.get(timeout=60)
-    # ...and the body itself is FAILURE with Celery's ChordError.
+    # ...and the body itself is FAILURE with Celery's ChordError. Wait for
+    # it to be stored first: `res` stays registered as the pending result
+    # for this id in the client, so if the body's state arrived by pub/sub
+    # while a second AsyncResult for the same id waited, Celery would hand
+    # it to `res` and the second would time out (a client quirk; the worker
+    # may store the body a moment after the header's failure is visible).
+    wait_for(lambda: app.AsyncResult(res.id).state == "FAILURE", 30,
+             message="the chord body never reached FAILURE")
     body = app.AsyncResult(res.id)
     with pytest.raises(ChordError) as info:
         body.get(timeout=30)
