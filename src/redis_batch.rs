@@ -165,12 +165,6 @@ enum Wake {
 
 /// Sends one batch and hands each request its slice of the replies.
 async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
-    if batch.iter().all(|r| r.cmds.is_empty()) {
-        for req in batch.drain(..) {
-            let _ = req.reply.send(Ok(Vec::new()));
-        }
-        return;
-    }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for req in batch.iter() {

@@ -244,14 +244,6 @@ impl Broker {
             };
             if status == 1 {
                 match Envelope::parse(raw.as_bytes()) {
-                    Ok(envelope) if envelope.delivery_tag().is_empty() => {
-                        out.push(Fetched::Unreadable {
-                            queue,
-                            raw,
-                            tag,
-                            error: "envelope has no properties.delivery_tag".into(),
-                        })
-                    }
                     Ok(envelope) => {
                         let actual = (
                             envelope.delivery_tag(),

@@ -482,10 +482,10 @@ async fn run(
     // deliveries). If the ack fails, the lease is no longer renewed and
     // the visibility timeout restores the message: never lost either way.
     let mut permit = permit;
-    let mut early_ack = (!acks_late).then(|| {
+    let early_ack = (!acks_late).then(|| {
         ctx.inflight.mark_acked(tag);
         drop(permit.take());
-        Box::pin(ctx.broker.ack_deferred(tag))
+        ctx.broker.ack_deferred(tag)
     });
     tokio::pin!(running);
     let result = loop {
@@ -493,10 +493,6 @@ async fn run(
             biased;
             done = &mut running => break done,
             Some(meta) = progress_rx.recv() => write_progress(meta).await,
-            acked = async { early_ack.as_mut().expect("guarded by the condition").await }, if early_ack.is_some() => {
-                early_ack = None;
-                log_failed_ack(acked);
-            }
         }
     };
     let runtime = started.elapsed();
@@ -523,7 +519,7 @@ async fn run(
     // Usually it left with the result just written. If nothing was written
     // (an ignored result) it may still linger, to leave with other tasks'
     // acks: nothing waits on it, as its prefetch slot is already free.
-    if let Some(pending) = early_ack.take() {
+    if let Some(pending) = early_ack {
         log_failed_ack(pending.await);
     }
     ctx.processed
