@@ -324,6 +324,31 @@ def test_unacked_entries_are_kombus_whatever_the_envelope_layout(worker_factory,
              10, message="acked messages left in unacked")
 
 
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "late-ack"])
+def test_prefetch_counts_unacked_messages_like_kombu(worker_factory, redis_server, app,
+                                                     redis_client, acks_late):
+    """kombu's QoS counts delivered messages that are not acked yet. With one
+    process and a prefetch of one, a running task acked early leaves room to
+    reserve the next message while it runs; acked late, it does not."""
+    flags = ["--concurrency", "1", "--prefetch-multiplier", "1"] + (["--acks-late"] if acks_late else [])
+    w = worker_factory(redis_server.url(), *flags)
+    first = app.send_task("tori.sleep", args=[3])
+    wait_for(lambda: any("task started" in ln for ln in task_lines(w.log_text(), first.id)), 10,
+             message="the first task never started")
+    second = app.send_task("tori.echo", args=["next"])
+    if acks_late:
+        time.sleep(1.0)
+        assert redis_client.llen("celery") == 1, "reserved beyond the prefetch window"
+        assert redis_client.hlen("unacked") == 1
+    else:
+        wait_for(lambda: redis_client.llen("celery") == 0 and redis_client.hlen("unacked") == 1, 2,
+                 message=lambda: f"queue {redis_client.llen('celery')}, unacked "
+                                 f"{redis_client.hlen('unacked')}: the next message was not reserved")
+    assert not first.ready(), "the first task finished before the check; the check proves nothing"
+    assert second.get(timeout=15) == echo_result("next")
+    assert first.get(timeout=15) == 3
+
+
 def test_dead_letter_key_option(worker_factory, redis_server, app, redis_client):
     w = worker_factory(redis_server.url(), "--dead-letter-key", "custom.dlq")
     redis_client.lpush("celery", garbage_message("not_json_text", "custom-dlq-marker"))
