@@ -148,9 +148,13 @@ impl Task for Exit {
     }
 }
 
-/// `tori.chaos.reject(reason)`: raises Celery's `Reject(reason,
-/// requeue=False)`, the way a task gives up on a message it must never
-/// run again.
+/// `tori.chaos.reject(reason, requeue=False, once_marker=None)`: raises
+/// Celery's `Reject(reason, requeue)`, the way a task gives up on a message
+/// it must never run again (`requeue=False`) or hands it back for another
+/// worker (`requeue=True`). With `once_marker`, a file path, it rejects only
+/// while that file does not exist, creating it as it rejects: a requeued
+/// message then succeeds on its next delivery, so a test can see that it
+/// came back (and only once).
 #[derive(Debug, Clone, Copy)]
 pub struct RejectMessage;
 
@@ -158,17 +162,40 @@ pub struct RejectMessage;
 pub struct RejectArgs {
     #[serde(default)]
     reason: String,
+    #[serde(default)]
+    requeue: bool,
+    #[serde(default)]
+    once_marker: Option<std::path::PathBuf>,
 }
 
 impl Task for RejectMessage {
     const NAME: &'static str = "tori.chaos.reject";
-    const PARAMS: &'static [&'static str] = &["reason"];
+    const PARAMS: &'static [&'static str] = &["reason", "requeue", "once_marker"];
     type Args = RejectArgs;
-    type Output = ();
+    type Output = String;
 
-    fn run(&self, _ctx: &TaskContext<'_>, args: RejectArgs) -> Result<(), TaskError> {
+    fn run(&self, _ctx: &TaskContext<'_>, args: RejectArgs) -> Result<String, TaskError> {
+        if let Some(marker) = &args.once_marker {
+            // create_new: of two deliveries racing, exactly one rejects.
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(marker);
+            match created {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Ok(format!("not rejected: {} exists", marker.display()));
+                }
+                Err(e) => {
+                    return Err(TaskError::runtime(format!(
+                        "cannot create {}: {e}",
+                        marker.display()
+                    )))
+                }
+            }
+        }
         Err(TaskError::Reject {
-            requeue: false,
+            requeue: args.requeue,
             reason: args.reason,
         })
     }

@@ -7,13 +7,14 @@ that can never come. Chords have their own module (test_chords.py).
 from __future__ import annotations
 
 import gc
+import time
 import uuid
 
 import pytest
 from celery import chain, chord
 from celery.exceptions import ChordError
 
-from test_foundation import echo_result
+from test_foundation import echo_result, queued_task_ids, wait_unacked_empty
 from tori_harness import EventLog, wait_for
 
 
@@ -83,6 +84,54 @@ def test_failed_chain_in_a_chord_header_fails_the_body(tori_worker, app):
         body.get(timeout=30)
     assert body.state == "FAILURE"
 
+
+
+def test_reject_with_requeue_puts_a_late_acked_message_back(worker_factory, redis_server, app,
+                                                           redis_client, tmp_path):
+    # Celery 5.7 (request.py on_failure -> reject(requeue=True)): the message
+    # goes back to its queue, task-rejected(requeue=True) is sent, nothing is
+    # stored and no task-failed is sent; the next delivery runs it again.
+    worker_factory(redis_server.url(), "-E", "--enable-chaos-tasks", "--acks-late")
+    events = EventLog(app)
+    marker = tmp_path / "rejected-once"
+    try:
+        res = app.send_task("tori.chaos.reject", args=["not now"],
+                            kwargs={"requeue": True, "once_marker": str(marker)})
+        assert res.get(timeout=30) == f"not rejected: {marker} exists"
+        expected = ["task-received", "task-started", "task-rejected",
+                    "task-received", "task-started", "task-succeeded"]
+        wait_for(lambda: events.types(res.id) == expected, 10,
+                 message=lambda: f"events {events.types(res.id)}, expected {expected}")
+        rejected = next(e for e in events.events
+                        if e.get("uuid") == res.id and e["type"] == "task-rejected")
+        assert rejected["requeue"] is True, rejected
+        wait_unacked_empty(redis_client)
+        assert queued_task_ids(redis_client) == []
+    finally:
+        events.close()
+
+
+def test_reject_with_requeue_after_an_early_ack_requeues_nothing(worker_factory, redis_server, app,
+                                                                 redis_client, tmp_path):
+    # Celery 5.7: with the early ack the message is gone by the time the task
+    # raises Reject(requeue=True); reject() sees it acknowledged and does
+    # nothing: no requeue, no task-rejected, no state stored. The worker says
+    # so in its log, which is the only trace Celery leaves too.
+    w = worker_factory(redis_server.url(), "-E", "--enable-chaos-tasks")
+    events = EventLog(app)
+    marker = tmp_path / "rejected-once"
+    try:
+        res = app.send_task("tori.chaos.reject", args=["too late"],
+                            kwargs={"requeue": True, "once_marker": str(marker)})
+        wait_for(lambda: "Reject(requeue=True) after an early ack" in w.log_text(), 15,
+                 message="the worker never logged the lost requeue")
+        assert marker.exists()
+        time.sleep(1.0)  # room for a wrong redelivery to run and succeed
+        assert events.types(res.id) == ["task-received", "task-started"], events.types(res.id)
+        assert res.state == "PENDING"
+        assert queued_task_ids(redis_client) == [] and redis_client.hlen("unacked") == 0
+    finally:
+        events.close()
 
 
 @pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "late-ack"])

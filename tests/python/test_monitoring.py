@@ -27,8 +27,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
 import signal
 import struct
+import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -739,3 +741,88 @@ def test_tasks_refused_on_receipt_send_no_task_received(redis_server, worker_fac
         assert by_id[expired.id]["expired"] is True and by_id[revoked.id]["expired"] is False
     finally:
         events.close()
+
+
+# --------------------------------------------------------------------------
+# a task's event follows its stored result
+# --------------------------------------------------------------------------
+
+def _events_of_publish(command: str) -> list[tuple[str, str]]:
+    """(type, uuid) of the task events in a MONITOR'd ``PUBLISH`` line. Event
+    envelopes carry their JSON body base64-encoded: one event, or a list of
+    them when the dispatcher sent a group (``task.multi``)."""
+    import base64
+
+    m = re.search(r'"body": "([A-Za-z0-9+/=]+)"', command)
+    if not command.startswith("PUBLISH ") or not m:
+        return []
+    try:
+        body = json.loads(base64.b64decode(m.group(1)))
+    except ValueError:
+        return []
+    return [(ev["type"], ev.get("uuid")) for ev in (body if isinstance(body, list) else [body])
+            if isinstance(ev, dict) and str(ev.get("type", "")).startswith("task-")]
+
+
+def test_task_events_follow_the_stored_result(redis_server, worker_factory, app):
+    """As in Celery, where the pool process stores the result before the parent
+    sends task-succeeded/-failed/-retried, whoever reacts to one of those
+    events (Flower, a monitor calling AsyncResult) finds the state already
+    stored. Checked in Redis's own command order (MONITOR), not by timing:
+    for every such event, the write of that task's state comes first."""
+    import redis as redis_lib
+
+    worker_factory(redis_server.url(), "-E", "--concurrency", "2")
+    client = redis_lib.Redis.from_url(redis_server.url())
+    commands: list[str] = []
+    stop = False
+
+    def watch():
+        with client.monitor() as m:
+            for cmd in m.listen():
+                commands.append(cmd["command"])
+                if stop and "monitor-done-marker" in cmd["command"]:
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # MONITOR is live once it shows a command sent after it started.
+    wait_for(lambda: client.get("monitor-live-marker") is None
+             and any("monitor-live-marker" in c for c in commands), 10,
+             message="MONITOR never started")
+    try:
+        # Enough tasks to fill the event buffer (96 events) several times:
+        # a full buffer is published at once, not at the next 100 ms tick.
+        ok = [app.send_task("tori.echo", args=[i]) for i in range(150)]
+        bad = [app.send_task("tori.fail", args=[f"no {i}"]) for i in range(10)]
+        flaky = [app.send_task("tori.flaky", args=[1], kwargs={"countdown": 0.05}) for _ in range(5)]
+        for r in ok + flaky:
+            r.get(timeout=30)
+        for r in bad:
+            with pytest.raises(RuntimeError):
+                r.get(timeout=30)
+        time.sleep(0.5)  # the last events leave after the last stores
+    finally:
+        stop = True
+        client.get("monitor-done-marker")
+        watcher.join(5)
+        client.close()
+
+    wanted = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-retried": "RETRY"}
+    ours = {r.id for r in ok + bad + flaky}
+    stored: dict[tuple[str, str], int] = {}  # (task id, state) -> first write
+    seen: list[tuple[int, str, str]] = []
+    for i, c in enumerate(commands):
+        m = re.match(r'(?:SETEX|SET) celery-task-meta-(\S+) (?:\d+ )?(\{.*)', c)
+        if m:
+            state = re.search(r'"status": "([A-Z]+)"', m.group(2))
+            if state:
+                stored.setdefault((m.group(1), state.group(1)), i)
+            continue
+        seen += [(i, kind, tid) for kind, tid in _events_of_publish(c)
+                 if kind in wanted and tid in ours]
+    expected = len(ok) + len(bad) + 2 * len(flaky)  # flaky: task-retried, then task-succeeded
+    assert len(seen) == expected, f"{len(seen)} task events captured, expected {expected}"
+    late = [(kind, tid) for i, kind, tid in seen
+            if stored.get((tid, wanted[kind]), len(commands)) > i]
+    assert not late, f"events sent before their state was stored: {late[:5]}"
