@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
             loglevel,
             enable_chaos_tasks,
         }) => {
+            tori_worker::pool::child::use_batch_scheduling();
             init_logging(&loglevel, LogFormat::Text);
             let registry = tori_worker::task_registry(enable_chaos_tasks);
             tori_worker::pool::child::run_child(registry).context("pool process")

@@ -196,6 +196,11 @@ def test_concurrency_two_children_init_once(worker_factory, redis_server, app):
     assert pids == kids, f"tasks ran in {pids}, worker children are {kids}"
     assert w.alive()
     assert child_pids(w.pid) == kids, "pool processes were replaced during plain tasks"
+    # Pool processes run under SCHED_BATCH (a job's pipe write must not
+    # hand them the parent's CPU); the parent keeps the normal policy.
+    policies = {pid: os.sched_getscheduler(pid) for pid in kids}
+    assert all(p == os.SCHED_BATCH for p in policies.values()), f"pool policies {policies}"
+    assert os.sched_getscheduler(w.pid) == os.SCHED_OTHER
 
 
 def test_max_tasks_per_child_recycles(worker_factory, redis_server, app):
