@@ -78,10 +78,19 @@ impl RedisLink {
         role: &'static str,
         response_timeout: Duration,
     ) -> Result<Self, LinkError> {
-        let client = Client::open(url).map_err(|source| LinkError::BadUrl {
+        let bad_url = |source| LinkError::BadUrl {
             url: redact_url(url),
             source,
-        })?;
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(bad_url)?;
+        // TCP_NODELAY, as redis-py (so Celery and kombu) sets it: the redis
+        // crate leaves Nagle on, which holds a small write back while an
+        // earlier one on the same multiplexed connection is unacknowledged.
+        // On loopback it measured the same either way (throughput and
+        // latency within noise); across a network it avoids waiting on the
+        // peer's delayed ACK.
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let client = Client::open(info.set_tcp_settings(tcp)).map_err(bad_url)?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(response_timeout));
@@ -262,6 +271,21 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_disable_nagle_and_keep_the_url() {
+        let link = RedisLink::open(
+            "redis://:pw@127.0.0.1:6390/3",
+            "test",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let info = link.inner.client.get_connection_info();
+        assert!(info.tcp_settings().nodelay());
+        assert_eq!(info.redis_settings().db(), 3);
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+        assert_eq!(info.addr().to_string(), "127.0.0.1:6390");
+    }
 
     #[test]
     fn redacts_passwords() {
