@@ -234,8 +234,9 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
                     .publish(&env, &route.exchange, &route.routing_key)
                     .await
                 {
-                    tracing::error!(error = %e, "could not publish the next workflow task; leaving the message unacked");
-                    return;
+                    tracing::error!(error = %e, next = %id, "could not publish the next workflow task; the task fails with the error");
+                    let exc = publish_error(&e, &format!("the next task of the workflow ({id})"));
+                    return fail(ctx, f, exc, None, secs).await;
                 }
                 children.push(child_ref(&id));
             }
@@ -264,6 +265,22 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             .field("result", &shown)
             .field("runtime", &secs);
     });
+}
+
+/// The failure of a task whose follow-up message Redis refused for good
+/// (a transient error is retried inside `publish`, so this is WRONGTYPE,
+/// OOM, a script error...). In Celery the callbacks, the next chain link
+/// and `retry()` are published from inside the task's trace, so such an
+/// error becomes the task's FAILURE (`report_internal_error`, then
+/// `on_error`): whoever waits on the result or on the workflow hears of
+/// it, and the message is settled instead of hanging on a result that
+/// never comes. redis-py raises `ResponseError` for a refused command.
+fn publish_error(e: &redis::RedisError, what: &str) -> PyException {
+    PyException::new(
+        "redis.exceptions",
+        "ResponseError",
+        format!("could not publish {what}: {e}"),
+    )
 }
 
 async fn fail(ctx: &Ctx, f: &Finish<'_>, exc: PyException, traceback: Option<String>, secs: f64) {
@@ -400,8 +417,9 @@ async fn retry(
         )
         .await
     {
-        tracing::error!(error = %e, "could not republish the retry; leaving the message unacked");
-        return;
+        tracing::error!(error = %e, "could not republish the retry; the task fails with the error");
+        let exc = publish_error(&e, "the retry");
+        return fail(ctx, f, exc, None, f.runtime.as_secs_f64()).await;
     }
     let shown = reason.clone().unwrap_or_else(|| {
         PyException::new("celery.exceptions", "Retry", format!("Retry in {delay}s"))

@@ -86,6 +86,32 @@ def test_failed_chain_in_a_chord_header_fails_the_body(tori_worker, app):
 
 
 
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "late-ack"])
+def test_next_link_redis_refuses_fails_the_task_like_celery(worker_factory, redis_server, app,
+                                                           redis_client, acks_late):
+    # A transient Redis error is retried; one that will not fix itself (here
+    # WRONGTYPE: the next link's queue key holds a string) must not leave the
+    # finished task PENDING with its message already acked. Celery publishes
+    # the next link inside the task's trace, so the error becomes the task's
+    # FAILURE (report_internal_error, then on_error); tori-worker does the same.
+    import redis.exceptions
+
+    worker_factory(redis_server.url(), *(["--acks-late"] if acks_late else []))
+    redis_client.set("broken", "not a list")
+    res = chain(app.signature("tori.echo", args=[1]),
+                app.signature("tori.echo", args=[2]).set(queue="broken")).apply_async()
+    first = app.AsyncResult(res.parent.id)
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        first.get(timeout=30)
+    meta = first._get_task_meta()
+    assert meta["status"] == "FAILURE" and "next task of the workflow" in str(meta["result"]), meta
+    # The rest of the chain fails with it, as Celery's mark_as_failure does.
+    assert app.AsyncResult(res.id).state == "FAILURE"
+    wait_unacked_empty(redis_client)
+    assert queued_task_ids(redis_client) == []
+    assert redis_client.get("broken") == "not a list"
+
+
 def test_reject_with_requeue_puts_a_late_acked_message_back(worker_factory, redis_server, app,
                                                            redis_client, tmp_path):
     # Celery 5.7 (request.py on_failure -> reject(requeue=True)): the message
