@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+import redis.exceptions
 from celery import chain, chord
 from celery.exceptions import ChordError
 
@@ -94,8 +95,6 @@ def test_next_link_redis_refuses_fails_the_task_like_celery(worker_factory, redi
     # finished task PENDING with its message already acked. Celery publishes
     # the next link inside the task's trace, so the error becomes the task's
     # FAILURE (report_internal_error, then on_error); tori-worker does the same.
-    import redis.exceptions
-
     worker_factory(redis_server.url(), *(["--acks-late"] if acks_late else []))
     redis_client.set("broken", "not a list")
     res = chain(app.signature("tori.echo", args=[1]),

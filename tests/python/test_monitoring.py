@@ -764,16 +764,14 @@ def _events_of_publish(command: str) -> list[tuple[str, str]]:
             if isinstance(ev, dict) and str(ev.get("type", "")).startswith("task-")]
 
 
-def test_task_events_follow_the_stored_result(redis_server, worker_factory, app):
+def test_task_events_follow_the_stored_result(redis_server, worker_factory, app, redis_client):
     """As in Celery, where the pool process stores the result before the parent
     sends task-succeeded/-failed/-retried, whoever reacts to one of those
     events (Flower, a monitor calling AsyncResult) finds the state already
     stored. Checked in Redis's own command order (MONITOR), not by timing:
     for every such event, the write of that task's state comes first."""
-    import redis as redis_lib
-
     worker_factory(redis_server.url(), "-E", "--concurrency", "2")
-    client = redis_lib.Redis.from_url(redis_server.url())
+    client = redis_client
     commands: list[str] = []
     stop = False
 
@@ -787,9 +785,11 @@ def test_task_events_follow_the_stored_result(redis_server, worker_factory, app)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     # MONITOR is live once it shows a command sent after it started.
-    wait_for(lambda: client.get("monitor-live-marker") is None
-             and any("monitor-live-marker" in c for c in commands), 10,
-             message="MONITOR never started")
+    def monitor_live():
+        client.get("monitor-live-marker")
+        return any("monitor-live-marker" in c for c in commands)
+
+    wait_for(monitor_live, 10, message="MONITOR never started")
     try:
         # Enough tasks to fill the event buffer (96 events) several times:
         # a full buffer is published at once, not at the next 100 ms tick.
@@ -806,7 +806,6 @@ def test_task_events_follow_the_stored_result(redis_server, worker_factory, app)
         stop = True
         client.get("monitor-done-marker")
         watcher.join(5)
-        client.close()
 
     wanted = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-retried": "RETRY"}
     ours = {r.id for r in ok + bad + flaky}
