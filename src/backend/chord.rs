@@ -175,6 +175,42 @@ impl ResultBackend {
         Ok(ChordCount::Claimed { token, members })
     }
 
+    /// The header's shape as the client saved it (`celery-taskset-meta-<gid>`,
+    /// the `GroupResult.as_tuple()` under `"result"`), if it did: Celery
+    /// saves it only when a header member's result is itself a group (a
+    /// chain that ends in a group), so that the body gets nested lists.
+    pub async fn saved_group(&self, group_id: &str) -> Result<Option<Value>, RedisError> {
+        let key = self.chord_key(group_id, "");
+        let raw: Option<String> = self
+            .link
+            .retry("read saved group", |mut c| {
+                let cmd = redis::cmd("GET").arg(&key).clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        Ok(raw
+            .and_then(|r| serde_json::from_str::<Value>(&r).ok())
+            .and_then(|mut v| v.get_mut("result").map(Value::take)))
+    }
+
+    /// Records how many header results a chord waits for (`<gid>.s`, what
+    /// Celery's `set_chord_size` writes). A client writes it for the chords
+    /// it starts; a worker writes it for a chord that follows a task in a
+    /// chain. Retried while Redis is away: without it the chord never
+    /// completes.
+    pub async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), RedisError> {
+        let key = self.chord_key(group_id, ".s");
+        let ttl = self
+            .expires
+            .map_or(CHORD_EXPIRES_SECS, |d| d.as_secs().max(1));
+        self.link
+            .retry("record chord size", |mut c| {
+                let cmd = redis::cmd("SETEX").arg(&key).arg(ttl).arg(size).clone();
+                async move { cmd.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
     /// The body was called: drop the counting keys and remember the chord
     /// as done (Celery keeps "done" for twice the claim, at least 300 s).
     pub async fn chord_finished(&self, group_id: &str, token: &str) -> Result<(), RedisError> {

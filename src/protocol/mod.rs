@@ -2,6 +2,7 @@
 //! documents. No I/O here, so every format is unit-tested against the
 //! golden captures in `tests/vectors/`.
 
+pub mod canvas;
 pub mod envelope;
 pub mod outgoing;
 pub mod pyjson;

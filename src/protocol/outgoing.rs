@@ -9,6 +9,17 @@ use super::pyjson;
 use super::task_message::{format_time, TaskMessage, CONTENT_TYPE_JSON};
 use tasks::task::py_repr;
 
+/// The `reply_to` of messages whose signature names none: a Celery worker
+/// puts its app's `thread_oid` there (`send_task`'s default), one id per
+/// process. Only the RPC result backend reads it; it is set so the
+/// messages look the same.
+static WORKER_OID: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| uuid::Uuid::new_v4().to_string());
+
+pub(crate) fn worker_oid() -> &'static str {
+    &WORKER_OID
+}
+
 /// Where a published task message should go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -51,7 +62,10 @@ pub struct SignatureCall<'a> {
     pub parent_id: &'a str,
     pub root_id: &'a str,
     /// Remaining chain for the new message (SPEC §2.1: next link last).
-    pub chain: Vec<Value>,
+    /// `None` where Celery passes no chain (callbacks, chord members,
+    /// errbacks): then a `chain` list in the signature's own options (a
+    /// chord body's) is used, else the message says `null`.
+    pub chain: Option<Vec<Value>>,
     pub origin: &'a str,
     pub default_queue: &'a str,
 }
@@ -156,18 +170,27 @@ impl SignatureCall<'_> {
         headers.insert("stamped_headers".into(), Value::Null);
         headers.insert("stamps".into(), json!({}));
 
+        // A chord body carries the rest of its chain in its options (the
+        // worker that calls it has no other record of it).
+        let chain = match (&self.chain, options.get("chain")) {
+            (Some(rest), _) => json!(rest),
+            (None, Some(rest @ Value::Array(_))) => rest.clone(),
+            (None, _) => Value::Null,
+        };
         let embed = json!({
             "callbacks": sig_list(&options, "link"),
             "errbacks": sig_list(&options, "link_error"),
-            "chain": self.chain,
+            "chain": chain,
             "chord": options.get("chord").cloned().unwrap_or(Value::Null),
         });
         let body = pyjson::to_string(&json!([args, kwargs, embed]));
         let mut properties = Map::new();
         properties.insert("correlation_id".into(), json!(id));
-        if let Some(reply_to) = options.get("reply_to") {
-            properties.insert("reply_to".into(), reply_to.clone());
-        }
+        let reply_to = options
+            .get("reply_to")
+            .cloned()
+            .unwrap_or_else(|| json!(worker_oid()));
+        properties.insert("reply_to".into(), reply_to);
         let env = Envelope::new(
             body.as_bytes(),
             CONTENT_TYPE_JSON,
@@ -221,7 +244,7 @@ mod tests {
             parent_result: Some(&json!(5)),
             parent_id: &first_msg.id,
             root_id: first_msg.root_id.as_deref().unwrap(),
-            chain: chain.clone(),
+            chain: Some(chain.clone()),
             origin: "gen1@vm",
             default_queue: "celery",
         };
@@ -249,7 +272,7 @@ mod tests {
                 parent_result: None,
                 parent_id: "p",
                 root_id: "r",
-                chain: Vec::new(),
+                chain: None,
                 origin: "gen1@vm",
                 default_queue: "celery",
             };

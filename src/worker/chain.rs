@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use serde_json::Value;
 
 use super::Ctx;
+use crate::protocol::canvas;
 use crate::protocol::outgoing::SignatureCall;
 use crate::protocol::{StateDoc, TaskMessage};
 
@@ -19,8 +20,9 @@ use crate::protocol::{StateDoc, TaskMessage};
 /// its id (when `store`: Celery skips this for `ignore_result` tasks),
 /// counts it as a failed member of the chord it belongs to, and, for a
 /// link that is itself a chord, goes on into that chord's body (the
-/// result the rest of the workflow waits on). Signatures without a task
-/// id of their own (a nested group, say) are passed over, as Celery does.
+/// result the rest of the workflow waits on). A group link's members get
+/// the failure too. Signatures without a task id of their own are passed
+/// over, as Celery does.
 /// Returns once every write is done, so the caller may ack.
 pub(crate) async fn fail_remaining_links(
     ctx: &Ctx,
@@ -49,6 +51,20 @@ pub(crate) async fn fail_remaining_links(
                 tracing::error!(error = %e, link = id, "could not store FAILURE for a later chain link; it stays PENDING");
             } else {
                 tracing::info!(link = id, "later chain link marked FAILURE");
+            }
+        }
+        if store && link.get("task").and_then(Value::as_str) == Some("celery.group") {
+            // Celery stores the failure under the group's id only; the
+            // client of `a | group(...)` waits on the members' ids.
+            for member in canvas::task_ids(link)
+                .into_iter()
+                .filter(|m| Some(m.as_str()) != id)
+            {
+                let mut member_doc = doc.clone();
+                member_doc.task_id = member;
+                if let Err(e) = ctx.backend.store(&member_doc).await {
+                    tracing::error!(error = %e, member = %member_doc.task_id, "could not store FAILURE for a member of a later group link; it stays PENDING");
+                }
             }
         }
         if option("chord").is_some() {
@@ -81,7 +97,7 @@ async fn count_in_chord(
         parent_result: None,
         parent_id: &msg.id,
         root_id: root,
-        chain: Vec::new(),
+        chain: None,
         origin: &ctx.cfg.node_name,
         default_queue: &ctx.cfg.default_queue,
     };

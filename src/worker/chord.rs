@@ -3,9 +3,10 @@
 //! body gets, the way Celery's `on_chord_part_return` does.
 //!
 //! A group body is called member by member, each with the joined results.
-//! Not supported, and failed loudly rather than guessed: header results
-//! that are themselves groups (Celery restores those from the saved
-//! GroupResult; a header task here returns plain values).
+//! When the client saved the header's shape (a member that is a chain
+//! ending in a group), the results are nested the same way.
+
+use std::collections::HashMap;
 
 use serde_json::{json, Value};
 use tasks::task::py_repr;
@@ -57,7 +58,10 @@ pub(crate) async fn part_return(ctx: &Ctx, msg: &TaskMessage, doc: &StateDoc, bo
         ChordCount::Claimed { token, members } => (token, members),
     };
     match join_results(&members) {
-        Ok(results) => call_body(ctx, msg, body, &results).await,
+        Ok(flat) => {
+            let results = shape_results(ctx, group_id, &members, flat).await;
+            call_body(ctx, msg, body, &results).await
+        }
         Err(message) => fail_body(ctx, body, &message).await,
     }
     if let Err(e) = ctx.backend.chord_finished(group_id, &token).await {
@@ -83,6 +87,51 @@ pub(crate) fn join_results(members: &[ChordMember]) -> Result<Vec<Value>, String
         .collect()
 }
 
+/// The body's argument: the flat list, unless the client saved the
+/// header's shape (a member whose result is a group), in which case each
+/// group becomes a nested list, as Celery's `GroupResult.join` gives it.
+async fn shape_results(
+    ctx: &Ctx,
+    group_id: &str,
+    members: &[ChordMember],
+    flat: Vec<Value>,
+) -> Vec<Value> {
+    let saved = match ctx.backend.saved_group(group_id).await {
+        Ok(Some(saved)) => saved,
+        Ok(None) => return flat,
+        Err(e) => {
+            tracing::warn!(error = %e, group_id, "could not read the chord's saved header; the body gets the flat list");
+            return flat;
+        }
+    };
+    let by_id: HashMap<&str, &Value> = members
+        .iter()
+        .map(|m| (m.task_id.as_str(), &m.result))
+        .collect();
+    match shape(&saved, &by_id) {
+        Some(Value::Array(shaped)) => shaped,
+        _ => {
+            tracing::warn!(group_id, saved = %saved, "the chord's saved header names results it did not count; the body gets the flat list");
+            flat
+        }
+    }
+}
+
+/// A result tuple (`[[id, parent], children]`) filled in: a group (its
+/// children a list) becomes the list of its members' results, a single
+/// result its value.
+pub(crate) fn shape(tuple: &Value, by_id: &HashMap<&str, &Value>) -> Option<Value> {
+    let id = tuple.get(0)?.get(0)?.as_str()?;
+    match tuple.get(1) {
+        Some(Value::Array(children)) => children
+            .iter()
+            .map(|c| shape(c, by_id))
+            .collect::<Option<Vec<_>>>()
+            .map(Value::Array),
+        _ => by_id.get(id).map(|v| (*v).clone()),
+    }
+}
+
 async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]) {
     let results = Value::Array(results.to_vec());
     let root = msg.root_id.clone().unwrap_or_else(|| msg.id.clone());
@@ -97,7 +146,7 @@ async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]
             parent_result: Some(&results),
             parent_id: &msg.id,
             root_id: &root,
-            chain: Vec::new(),
+            chain: None,
             origin: &ctx.cfg.node_name,
             default_queue: &ctx.cfg.default_queue,
         };
@@ -202,6 +251,27 @@ mod tests {
             state: state.into(),
             result,
         }
+    }
+
+    #[test]
+    fn a_saved_header_nests_the_results_of_its_groups() {
+        // GroupResult.as_tuple() of chord([chain(a, group(b, c)), d], ...):
+        // the chain's result is the inner group (with its parent, a).
+        let saved = json!([
+            ["g", null],
+            [
+                [
+                    ["inner", [["a", null], null]],
+                    [[["b", null], null], [["c", null], null]]
+                ],
+                [["d", null], null]
+            ]
+        ]);
+        let (b, c, d) = (json!(12), json!(22), json!(6));
+        let by_id = HashMap::from([("b", &b), ("c", &c), ("d", &d)]);
+        assert_eq!(shape(&saved, &by_id), Some(json!([[12, 22], 6])));
+        let missing = HashMap::from([("b", &b), ("d", &d)]);
+        assert_eq!(shape(&saved, &missing), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use super::message::{ack, record_final, store_then_ack};
 use super::Ctx;
 use crate::broker::Delivery;
 use crate::pool::JobOutcome;
+use crate::protocol::canvas::{self, CanvasError, Origin};
 use crate::protocol::outgoing::{retry_of, SignatureCall};
 use crate::protocol::result::{child_ref, exception_value, Extended};
 use crate::protocol::{State, StateDoc, TaskMessage};
@@ -199,50 +200,50 @@ pub(crate) async fn finish(ctx: &Ctx, f: Finish<'_>, outcome: JobOutcome) {
 }
 
 async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
-    let mut children = Vec::new();
     let root = f.msg.root_id.clone().unwrap_or_else(|| f.msg.id.clone());
-    let origin = ctx.cfg.node_name.clone();
-    // Chain: the next link is the last element; it gets the rest.
-    let mut chain = f.msg.chain.clone();
-    let mut next_calls: Vec<(Value, Vec<Value>)> = Vec::new();
-    if let Some(next) = chain.pop() {
-        next_calls.push((next, chain));
-    }
-    for cb in &f.msg.callbacks {
-        next_calls.push((cb.clone(), Vec::new()));
-    }
-    for (sig, rest) in &next_calls {
-        let call = SignatureCall {
-            signature: sig,
-            parent_result: Some(&value),
-            parent_id: &f.msg.id,
-            root_id: &root,
-            chain: rest.clone(),
-            origin: &origin,
-            default_queue: &ctx.cfg.default_queue,
+    let from = Origin {
+        result: &value,
+        parent_id: &f.msg.id,
+        root_id: &root,
+        origin: &ctx.cfg.node_name,
+        default_queue: &ctx.cfg.default_queue,
+    };
+    let mut children = Vec::new();
+    for (sig, rest) in follow_ups(f.msg) {
+        let expansion = match canvas::expand(&sig, rest, &from) {
+            Ok(expansion) => expansion,
+            Err(e) => {
+                tracing::error!(error = %e, signature = %sig, "cannot start the next workflow step; the task fails with the error");
+                let exc = canvas_error(&e);
+                fail_step(ctx, &sig, &exc).await;
+                return fail(ctx, f, exc, None, secs).await;
+            }
         };
-        match call.build() {
-            Some((env, route)) => {
+        if let Some((group_id, size)) = &expansion.chord_size {
+            if let Err(e) = ctx.backend.set_chord_size(group_id, *size).await {
+                tracing::error!(error = %e, group_id, "could not record the size of the next chord; the task fails with the error");
+                let exc = publish_error(&e, &format!("the size of chord {group_id}"));
+                return fail(ctx, f, exc, None, secs).await;
+            }
+        }
+        for (env, route) in &expansion.messages {
+            if let Err(e) = ctx
+                .broker
+                .publish(env, &route.exchange, &route.routing_key)
+                .await
+            {
                 let id = env
                     .headers()
                     .get("id")
                     .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned();
-                if let Err(e) = ctx
-                    .broker
-                    .publish(&env, &route.exchange, &route.routing_key)
-                    .await
-                {
-                    tracing::error!(error = %e, next = %id, "could not publish the next workflow task; the task fails with the error");
-                    let exc = publish_error(&e, &format!("the next task of the workflow ({id})"));
-                    return fail(ctx, f, exc, None, secs).await;
-                }
-                children.push(child_ref(&id));
+                    .unwrap_or("");
+                tracing::error!(error = %e, next = %id, "could not publish the next workflow task; the task fails with the error");
+                let exc = publish_error(&e, &format!("the next task of the workflow ({id})"));
+                return fail(ctx, f, exc, None, secs).await;
             }
-            None => {
-                tracing::error!(signature = %sig, "cannot publish this workflow signature (no task name); skipped")
-            }
+        }
+        if !expansion.child.is_null() {
+            children.push(expansion.child);
         }
     }
     let shown = truncate(&py_repr(&value), RESULT_REPR_MAX);
@@ -265,6 +266,64 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             .field("result", &shown)
             .field("runtime", &secs);
     });
+}
+
+/// What follows a success, in Celery's order (`trace`'s
+/// `_dispatch_callbacks_and_chain`): the `link` callbacks, then the next
+/// link of the chain with the rest of it. Several callbacks are started
+/// as one group (each group callback as its own), as Celery does.
+fn follow_ups(msg: &TaskMessage) -> Vec<(Value, Option<Vec<Value>>)> {
+    let mut out = Vec::new();
+    match msg.callbacks.as_slice() {
+        [] => {}
+        [one] => out.push((one.clone(), None)),
+        many => {
+            let (groups, plain): (Vec<&Value>, Vec<&Value>) = many
+                .iter()
+                .partition(|sig| sig.get("task").and_then(Value::as_str) == Some("celery.group"));
+            out.extend(groups.into_iter().map(|g| (g.clone(), None)));
+            if !plain.is_empty() {
+                let group = json!({
+                    "task": "celery.group",
+                    "args": [],
+                    "kwargs": {"tasks": plain},
+                    "options": {},
+                    "subtask_type": "group",
+                    "immutable": false,
+                });
+                out.push((group, None));
+            }
+        }
+    }
+    let mut chain = msg.chain.clone();
+    if let Some(next) = chain.pop() {
+        out.push((next, Some(chain)));
+    }
+    out
+}
+
+/// A step that cannot be started fails the task that led to it (in Celery
+/// the error would be raised inside the task's trace); the exception says
+/// which step and why.
+fn canvas_error(e: &CanvasError) -> PyException {
+    match e {
+        CanvasError::NoTaskName(_) => PyException::new("builtins", "ValueError", e.to_string()),
+        CanvasError::Unsupported(_) => {
+            PyException::new("builtins", "NotImplementedError", e.to_string())
+        }
+    }
+}
+
+/// Stores the failure under every id the unstartable step names (its
+/// members, a chord's body), so a client waiting on any of them gets the
+/// error instead of waiting for tasks nothing will publish.
+async fn fail_step(ctx: &Ctx, sig: &Value, exc: &PyException) {
+    for id in canvas::task_ids(sig) {
+        let doc = StateDoc::new(&id, State::Failure, exc_value(exc));
+        if let Err(e) = ctx.backend.store(&doc).await {
+            tracing::error!(error = %e, task_id = %id, "could not store FAILURE for a workflow step that cannot start; it stays PENDING");
+        }
+    }
 }
 
 /// The failure of a task whose follow-up message Redis refused for good
@@ -316,7 +375,7 @@ async fn call_errbacks(ctx: &Ctx, f: &Finish<'_>) {
             parent_result: Some(&id_value),
             parent_id: &f.msg.id,
             root_id: &root,
-            chain: Vec::new(),
+            chain: None,
             origin: &ctx.cfg.node_name,
             default_queue: &ctx.cfg.default_queue,
         };

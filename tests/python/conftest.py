@@ -240,13 +240,13 @@ def python_worker_factory(request, tmp_path):
     moddir.mkdir(exist_ok=True)
     (moddir / "pyworker_app.py").write_text(PY_WORKER_MODULE)
 
-    def start(redis_url: str, concurrency: int = 2) -> WorkerProcess:
+    def start(redis_url: str, concurrency: int = 2, *extra: str) -> WorkerProcess:
         n = len(workers) + 1
         log_path = tmp_path / f"python-worker-{n}.log"
         env = clean_env({"TORI_TEST_REDIS_URL": redis_url,
                          "PYTHONPATH": str(moddir), "PYTHONUNBUFFERED": "1"})
         label = f"python celery worker #{n}"
-        w = WorkerProcess(python_worker_cmd(concurrency, hostname=f"py{n}@tests"),
+        w = WorkerProcess(python_worker_cmd(concurrency, hostname=f"py{n}@tests") + list(extra),
                           log_path, label, env=env, cwd=str(moddir))
         workers.append(w)
         _register_log(request, label, lambda p=log_path: p)

@@ -1,0 +1,212 @@
+"""Groups, chords and chains that follow a task, built with the real Celery
+client: ``a | group(b, c)``, ``a | group(b, c) | d`` (which the client
+turns into ``a | chord(group(b, c), d)``), ``a | chord(...)``, a group as
+a ``link`` callback, several callbacks. The worker that ran ``a`` has to
+start them itself, as a Python worker does in ``celery.app.trace``.
+
+The first test runs every shape on a real Python Celery worker and on
+tori-worker side by side and compares the messages each published for
+the step (members routed to a queue nobody consumes, then read raw) and
+the ``children`` each stored for ``a``. The others run the shapes end to
+end on tori-worker alone.
+"""
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import re
+
+import pytest
+from celery import chain, chord, group
+
+from test_foundation import echo_result
+from tori_harness import wait_for, wait_worker_ready
+
+
+@pytest.fixture(autouse=True)
+def _forget_subscriptions(app):
+    """As in test_chords.py: results of finished workflows must not
+    UNSUBSCRIBE later on a Redis that is gone."""
+    yield
+    app.backend.result_consumer.subscribed_to.clear()
+    gc.collect()
+
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def shapes(app, first_queue: str, step_queue: str) -> dict:
+    """Each shape with its first task on ``first_queue`` and every later
+    signature on ``step_queue``."""
+    def a():
+        return app.signature("tori.echo", args=[1], queue=first_queue)
+
+    def s(*args):
+        return app.signature("tori.echo", args=list(args), queue=step_queue)
+
+    return {
+        "a | group": chain(a(), group(s(10), s(20))),
+        "a | group of a nested group": chain(a(), group(s(10), group(s(20), s(30)))),
+        "a | group | b | c": chain(a(), group(s(10), s(20)), s(), s(5)),
+        "a | chord": chain(a(), chord([s(10), s(20)], s())),
+        "link=group": a().set(link=group(s(10), s(20))),
+        "two links": a().set(link=[s(10), s(20)]),
+        "link=chain": a().set(link=chain(s(10), s(20))),
+    }
+
+
+def published(redis_client, queue: str) -> list[dict]:
+    """The raw messages in ``queue``, oldest first, without what differs by
+    nature between two runs (delivery tag, origin host)."""
+    out = []
+    for raw in reversed(redis_client.lrange(queue, 0, -1)):
+        env = json.loads(raw)
+        headers = {k: v for k, v in env["headers"].items() if k != "origin"}
+        props = {k: v for k, v in env["properties"].items() if k != "delivery_tag"}
+        body = json.loads(base64.b64decode(env["body"]))
+        out.append({"headers": headers, "properties": props, "body": body})
+    return out
+
+
+def relabel(value) -> str:
+    """JSON text with every UUID replaced by the order it first appears in,
+    so two runs of one shape (each with ids of its own) compare equal when
+    they have the same structure."""
+    text = json.dumps(value)
+    seen: dict[str, str] = {}
+    return UUID.sub(lambda m: seen.setdefault(m.group(0), f"<id{len(seen)}>"), text)
+
+
+def run_shape(app, redis_client, sig, step_queue: str) -> tuple[str, str]:
+    """Runs ``sig``'s first task and returns (the relabelled messages of the
+    step, its children) once the first task stored its result."""
+    res = sig.apply_async()
+    first = res
+    while getattr(first, "parent", None) is not None:
+        first = first.parent
+    # The step's members are frozen by the client: the first message's id
+    # is the one without a parent.
+    first_id = first.id if not hasattr(first, "results") else None
+    assert first_id, f"cannot find the first task of {sig!r}"
+    wait_for(lambda: app.AsyncResult(first_id).state == "SUCCESS", 30,
+             message=lambda: f"{first_id} is {app.AsyncResult(first_id).state}")
+    children = json.loads(redis_client.get(f"celery-task-meta-{first_id}"))["children"]
+    messages = published(redis_client, step_queue)
+    redis_client.delete(step_queue)
+    # One relabelling over both, so ids shared between them line up.
+    both = json.loads(relabel({"messages": messages, "children": children, "first": first_id}))
+    return json.dumps(both["messages"], indent=1), json.dumps(both["children"])
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_steps_after_a_task_publish_what_a_python_worker_publishes(
+        python_worker_factory, worker_factory, redis_server, app, redis_client):
+    url = redis_server.url()
+    py = python_worker_factory(url, 1, "-Q", "py")
+    worker_factory(url, "--concurrency", "1", queues=["tori"])
+    wait_worker_ready(py, app, queue="py", timeout=60)
+
+    py_shapes = shapes(app, "py", "py.steps")
+    tori_shapes = shapes(app, "tori", "tori.steps")
+    for name in py_shapes:
+        py_msgs, py_children = run_shape(app, redis_client, py_shapes[name], "py.steps")
+        tori_msgs, tori_children = run_shape(app, redis_client, tori_shapes[name], "tori.steps")
+        # The step queues differ by name only.
+        tori_msgs = tori_msgs.replace('"tori.steps"', '"py.steps"')
+        assert json.loads(py_msgs), f"{name}: the Python worker published nothing"
+        assert tori_msgs == py_msgs, f"{name}: messages differ\n--- python\n{py_msgs}\n--- tori\n{tori_msgs}"
+        assert tori_children == py_children, f"{name}: children differ: {py_children} vs {tori_children}"
+
+
+def test_group_after_a_task_gets_its_result(tori_worker, app):
+    echo = app.signature("tori.echo")
+    res = chain(echo.clone(args=[1]), group(echo.clone(args=[10]), echo.clone(args=[20]))).apply_async()
+    first = echo_result(1)
+    assert res.get(timeout=30) == [echo_result(first, 10), echo_result(first, 20)]
+    # The parent lists the group among its children, as Celery stores it.
+    parent = app.AsyncResult(res.parent.id)
+    assert [c.id for c in parent.children] == [res.id]
+
+
+def test_group_then_task_is_a_chord_and_the_chain_goes_on(tori_worker, app, redis_client):
+    echo = app.signature("tori.echo")
+    res = chain(echo.clone(args=[1]), group(echo.clone(args=[10]), echo.clone(args=[20])),
+                echo.clone(), echo.clone(args=[5])).apply_async()
+    first = echo_result(1)
+    header = [echo_result(first, 10), echo_result(first, 20)]
+    assert res.get(timeout=30) == echo_result(echo_result(header), 5)
+    body_id = res.parent.id
+    group_id = app.AsyncResult(body_id)._get_task_meta().get("group_id") or res.parent.parent.id
+    wait_for(lambda: redis_client.get(f"celery-taskset-meta-{group_id}.c") == "done", 10,
+             message="the chord was not marked done")
+    assert not redis_client.exists(f"celery-taskset-meta-{group_id}.s")
+
+
+def test_chord_after_a_task(tori_worker, app):
+    echo = app.signature("tori.echo")
+    res = chain(echo.clone(args=[1]), chord([echo.clone(args=[10]), echo.clone(args=[20])],
+                                            echo.clone())).apply_async()
+    first = echo_result(1)
+    assert res.get(timeout=30) == echo_result([echo_result(first, 10), echo_result(first, 20)])
+
+
+def test_empty_chord_after_a_task_calls_its_body_with_nothing(tori_worker, app):
+    echo = app.signature("tori.echo")
+    res = chain(echo.clone(args=[1]), chord([], echo.clone())).apply_async()
+    assert res.get(timeout=30) == echo_result([])
+
+
+def test_chord_header_chain_ending_in_a_group_nests_its_results(tori_worker, app):
+    """The client saves the header's shape (a member's result is a group);
+    the body gets nested lists, as Celery's ``GroupResult.join`` gives."""
+    echo = app.signature("tori.echo")
+    head = chain(echo.clone(args=[1]), group(echo.clone(args=[10]), echo.clone(args=[20])))
+    res = chord([head, echo.clone(args=[3])])(echo.clone())
+    first = echo_result(1)
+    assert res.get(timeout=30) == echo_result(
+        [[echo_result(first, 10), echo_result(first, 20)], echo_result(3)])
+
+
+def test_group_callback_and_several_callbacks_run(tori_worker, app):
+    echo = app.signature("tori.echo")
+    one, two = echo.clone(args=[10]), echo.clone(args=[20])
+    ids = [one.freeze().id, two.freeze().id]
+    echo.clone(args=[1]).apply_async(link=group(one, two)).get(timeout=30)
+    first = echo_result(1)
+    for task_id, arg in zip(ids, (10, 20)):
+        assert app.AsyncResult(task_id).get(timeout=30) == echo_result(first, arg)
+
+    three, four = echo.clone(args=[30]), echo.clone(args=[40])
+    ids = [three.freeze().id, four.freeze().id]
+    echo.clone(args=[2]).apply_async(link=[three, four]).get(timeout=30)
+    for task_id, arg in zip(ids, (30, 40)):
+        assert app.AsyncResult(task_id).get(timeout=30) == echo_result(echo_result(2), arg)
+
+
+def test_failed_task_before_a_group_fails_its_members(tori_worker, app):
+    """Celery stores the failure under the group's id only, so a client of
+    ``a | group(...)`` would wait on the members for ever; here they fail
+    too."""
+    echo = app.signature("tori.echo")
+    res = chain(app.signature("tori.fail", args=["first broke"]),
+                group(echo.clone(args=[10]), echo.clone(args=[20]))).apply_async()
+    for member in res.results:
+        with pytest.raises(RuntimeError, match="first broke"):
+            app.AsyncResult(member.id).get(timeout=30)
+
+
+def test_step_tori_cannot_start_fails_with_a_clear_error(tori_worker, app):
+    """A chain inside a group that follows a task is not expanded: the task
+    and every id of the step get NotImplementedError saying so, instead of a
+    step that silently never runs."""
+    echo = app.signature("tori.echo")
+    inner = chain(echo.clone(args=[10]), echo.clone(args=[11]))
+    res = chain(echo.clone(args=[1]), group(inner, echo.clone(args=[20]))).apply_async()
+    with pytest.raises(NotImplementedError, match="a chain inside a group"):
+        app.AsyncResult(res.parent.id).get(timeout=30)
+    other = res.results[-1]
+    with pytest.raises(NotImplementedError, match="cannot start this workflow step"):
+        app.AsyncResult(other.id).get(timeout=30)
