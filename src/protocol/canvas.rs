@@ -377,6 +377,20 @@ fn message_id(env: &Envelope) -> &str {
         .unwrap_or_default()
 }
 
+/// Several signatures as one unfrozen group, the way Celery's tracer
+/// starts several `link` callbacks or `link_error` errbacks
+/// (`group(sigs).apply_async(...)`): the members share a new group id.
+pub fn group_of(sigs: impl IntoIterator<Item = Value>) -> Value {
+    json!({
+        "task": "celery.group",
+        "args": [],
+        "kwargs": {"tasks": sigs.into_iter().collect::<Vec<_>>()},
+        "options": {},
+        "subtask_type": "group",
+        "immutable": false,
+    })
+}
+
 /// Every task id a signature names (its own, its members', a chord's
 /// body's), so a step that cannot be started can be failed under each id
 /// a client may be waiting on.

@@ -202,8 +202,22 @@ fn group_members(signature: &Value) -> Option<Vec<&Value>> {
 
 /// The body gets FAILURE with a ChordError, as Celery's
 /// `chord_error_from_stack` stores it, so `AsyncResult(body).get()` raises
-/// instead of waiting forever.
+/// instead of waiting forever. Its `link_error` errbacks are called first,
+/// with the body's id, as Celery calls them (the documented way to handle
+/// a failed chord: `chord(header, body.on_error(handler.s()))`).
 async fn fail_body(ctx: &Ctx, body: &Value, message: &str) {
+    if let Some(body_id) = body
+        .get("options")
+        .and_then(|o| o.get("task_id"))
+        .and_then(Value::as_str)
+    {
+        let errbacks: Vec<Value> = match body.get("options").and_then(|o| o.get("link_error")) {
+            Some(Value::Array(list)) => list.clone(),
+            Some(one @ Value::Object(_)) => vec![one.clone()],
+            _ => Vec::new(),
+        };
+        super::outcome::call_errbacks(ctx, &errbacks, body_id, body_id).await;
+    }
     // A group body fails under its own id (what Celery stores) and under
     // each member's, so a client waiting on the GroupResult sees it too.
     let mut targets = vec![body];

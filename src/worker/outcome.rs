@@ -21,7 +21,7 @@ use super::Ctx;
 use crate::broker::Delivery;
 use crate::pool::JobOutcome;
 use crate::protocol::canvas::{self, CanvasError, Origin};
-use crate::protocol::outgoing::{retry_of, SignatureCall};
+use crate::protocol::outgoing::retry_of;
 use crate::protocol::result::{child_ref, exception_value, Extended};
 use crate::protocol::{State, StateDoc, TaskMessage};
 
@@ -283,15 +283,7 @@ fn follow_ups(msg: &TaskMessage) -> Vec<(Value, Option<Vec<Value>>)> {
                 .partition(|sig| sig.get("task").and_then(Value::as_str) == Some("celery.group"));
             out.extend(groups.into_iter().map(|g| (g.clone(), None)));
             if !plain.is_empty() {
-                let group = json!({
-                    "task": "celery.group",
-                    "args": [],
-                    "kwargs": {"tasks": plain},
-                    "options": {},
-                    "subtask_type": "group",
-                    "immutable": false,
-                });
-                out.push((group, None));
+                out.push((canvas::group_of(plain.into_iter().cloned()), None));
             }
         }
     }
@@ -365,24 +357,42 @@ fn send_failed(ctx: &Ctx, f: &Finish<'_>, exception: &str, traceback: &str) {
 }
 
 /// Errbacks get the failed task's id (Celery's old-style errback call;
-/// new-style `(request, exc, traceback)` errbacks need Python objects).
-async fn call_errbacks(ctx: &Ctx, f: &Finish<'_>) {
-    let root = f.msg.root_id.clone().unwrap_or_else(|| f.msg.id.clone());
-    let id_value = json!(f.msg.id);
-    for sig in &f.msg.errbacks {
-        let call = SignatureCall {
-            signature: sig,
-            parent_result: Some(&id_value),
-            parent_id: &f.msg.id,
-            root_id: &root,
-            chain: None,
-            origin: &ctx.cfg.node_name,
-            default_queue: &ctx.cfg.default_queue,
+/// new-style `(request, exc, traceback)` errbacks need Python objects),
+/// started as one group, as Celery's `_call_task_errbacks` starts them.
+/// An errback that cannot go into a group (a chain, say) is started on
+/// its own.
+pub(crate) async fn call_errbacks(ctx: &Ctx, errbacks: &[Value], failed_id: &str, root_id: &str) {
+    if errbacks.is_empty() {
+        return;
+    }
+    let id_value = json!(failed_id);
+    let from = Origin {
+        result: &id_value,
+        parent_id: failed_id,
+        root_id,
+        origin: &ctx.cfg.node_name,
+        default_queue: &ctx.cfg.default_queue,
+    };
+    let expansions = match canvas::expand(&canvas::group_of(errbacks.iter().cloned()), None, &from)
+    {
+        Ok(group) => vec![Ok(group)],
+        Err(_) => errbacks
+            .iter()
+            .map(|eb| canvas::expand(eb, None, &from))
+            .collect(),
+    };
+    for expansion in expansions {
+        let expansion = match expansion {
+            Ok(expansion) => expansion,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot call an errback");
+                continue;
+            }
         };
-        if let Some((env, route)) = call.build() {
+        for (env, route) in &expansion.messages {
             if let Err(e) = ctx
                 .broker
-                .publish(&env, &route.exchange, &route.routing_key)
+                .publish(env, &route.exchange, &route.routing_key)
                 .await
             {
                 tracing::error!(error = %e, "could not publish errback");
@@ -401,7 +411,8 @@ async fn settle_failure(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc, ack_now: bool
         return false;
     }
     super::chain::fail_remaining_links(ctx, f.msg, doc, !f.ignore_result()).await;
-    call_errbacks(ctx, f).await;
+    let root = f.msg.root_id.as_deref().unwrap_or(&f.msg.id);
+    call_errbacks(ctx, &f.msg.errbacks, &f.msg.id, root).await;
     if ack_now {
         ack(ctx, f.tag).await;
     }

@@ -16,6 +16,7 @@ import base64
 import gc
 import json
 import re
+import time
 
 import pytest
 from celery import chain, chord, group
@@ -45,6 +46,14 @@ def shapes(app, first_queue: str, step_queue: str) -> dict:
     def s(*args):
         return app.signature("tori.echo", args=list(args), queue=step_queue)
 
+    def a_fails():
+        return app.signature("tori.fail", args=["broke"], queue=first_queue)
+
+    def errback():
+        # One argument, so the Python worker publishes it (old style)
+        # instead of calling it in place with (request, exc, traceback).
+        return app.signature("tori.errback_probe", queue=step_queue)
+
     return {
         "a | group": chain(a(), group(s(10), s(20))),
         "a | group of a nested group": chain(a(), group(s(10), group(s(20), s(30)))),
@@ -53,6 +62,9 @@ def shapes(app, first_queue: str, step_queue: str) -> dict:
         "link=group": a().set(link=group(s(10), s(20))),
         "two links": a().set(link=[s(10), s(20)]),
         "link=chain": a().set(link=chain(s(10), s(20))),
+        "fails, link_error": a_fails().set(link_error=errback()),
+        "fails, two link_errors": a_fails().set(link_error=[errback(), errback()]),
+        "chord fails, body errback": chord([a_fails()], s().on_error(errback())),
     }
 
 
@@ -78,19 +90,40 @@ def relabel(value) -> str:
     return UUID.sub(lambda m: seen.setdefault(m.group(0), f"<id{len(seen)}>"), text)
 
 
+def first_task(res) -> str:
+    """The id of the task a shape starts with: the root of the result's
+    parents, or the first member of a chord's header."""
+    node = res
+    while getattr(node, "parent", None) is not None:
+        node = node.parent
+    if hasattr(node, "results"):
+        node = node.results[0]
+    return node.id
+
+
+def settled(redis_client, queue: str, quiet: float = 0.5, timeout: float = 15.0) -> None:
+    """Waits until ``queue`` holds messages and has not grown for ``quiet``
+    seconds (errbacks are published just after the failure is stored)."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = redis_client.llen(queue)
+        if n != last:
+            last, since = n, time.monotonic()
+        elif n and time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{queue} holds {last} messages and never settled")
+
+
 def run_shape(app, redis_client, sig, step_queue: str) -> tuple[str, str]:
     """Runs ``sig``'s first task and returns (the relabelled messages of the
-    step, its children) once the first task stored its result."""
+    step, the first task's children) once they are all published."""
     res = sig.apply_async()
-    first = res
-    while getattr(first, "parent", None) is not None:
-        first = first.parent
-    # The step's members are frozen by the client: the first message's id
-    # is the one without a parent.
-    first_id = first.id if not hasattr(first, "results") else None
-    assert first_id, f"cannot find the first task of {sig!r}"
-    wait_for(lambda: app.AsyncResult(first_id).state == "SUCCESS", 30,
+    first_id = first_task(res)
+    wait_for(lambda: app.AsyncResult(first_id).state in ("SUCCESS", "FAILURE"), 30,
              message=lambda: f"{first_id} is {app.AsyncResult(first_id).state}")
+    settled(redis_client, step_queue)
     children = json.loads(redis_client.get(f"celery-task-meta-{first_id}"))["children"]
     messages = published(redis_client, step_queue)
     redis_client.delete(step_queue)
@@ -210,3 +243,16 @@ def test_step_tori_cannot_start_fails_with_a_clear_error(tori_worker, app):
     other = res.results[-1]
     with pytest.raises(NotImplementedError, match="cannot start this workflow step"):
         app.AsyncResult(other.id).get(timeout=30)
+
+
+def test_failed_chord_calls_its_bodys_errback(tori_worker, app):
+    """``chord(header, body.on_error(handler))``, Celery's documented way to
+    handle a failed chord: the handler gets the body's id."""
+    echo = app.signature("tori.echo")
+    handler = echo.clone(args=["handled"])
+    handler_id = handler.freeze().id
+    header = [app.signature("tori.fail", args=["header broke"]), echo.clone(args=[2])]
+    res = chord(header)(echo.clone().on_error(handler))
+    assert app.AsyncResult(handler_id).get(timeout=30) == echo_result(res.id, "handled")
+    wait_for(lambda: app.AsyncResult(res.id).state == "FAILURE", 15,
+             message="the chord body never reached FAILURE")

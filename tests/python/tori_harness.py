@@ -581,6 +581,18 @@ def noop():
 @app.task(name="tori.echo")
 def echo(*args, **kwargs):
     return {"args": list(args), "kwargs": kwargs}
+
+
+@app.task(name="tori.fail")
+def fail(message="tori.fail was asked to fail"):
+    raise RuntimeError(message)
+
+
+@app.task(name="tori.errback_probe")
+def errback_probe(task_id):
+    """An old-style errback (one argument: the failed task's id), which a
+    Celery worker publishes as a task instead of calling it in place."""
+    return task_id
 '''
 
 
