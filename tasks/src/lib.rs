@@ -4,6 +4,7 @@
 //! task is a value implementing [`Task`], and the worker crate adapts it to
 //! Celery's messages. That keeps every task testable as a plain function.
 
+pub mod builtins;
 pub mod chaos;
 pub mod diagnostics;
 pub mod ingest;

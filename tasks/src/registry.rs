@@ -92,7 +92,16 @@ impl Registry {
         self
     }
 
+    /// The task registered as (or aliased to) `name`; Celery's
+    /// `celery.map` and `celery.starmap` are always there, running the
+    /// tasks of this registry (`builtins`).
     pub fn get(&self, name: &str) -> Option<Arc<dyn DynTask>> {
+        if name == crate::builtins::MAP || name == crate::builtins::STARMAP {
+            return Some(Arc::new(crate::builtins::MapTask {
+                star: name == crate::builtins::STARMAP,
+                registry: self.clone(),
+            }));
+        }
         let canonical = self.aliases.get(name).map(String::as_str).unwrap_or(name);
         self.tasks.get(canonical).cloned()
     }

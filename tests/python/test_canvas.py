@@ -13,6 +13,7 @@ import uuid
 import pytest
 import redis.exceptions
 from celery import chain, chord
+from celery.canvas import chunks, xmap, xstarmap
 from celery.exceptions import ChordError
 
 from test_foundation import echo_result, queued_task_ids, wait_unacked_empty
@@ -189,3 +190,20 @@ def test_reject_without_requeue_fails_like_celery(worker_factory, redis_server, 
         assert failed["exception"] == "reject requeue=False: nope", failed
     finally:
         events.close()
+
+
+def test_chunks_map_and_starmap_run_the_task_once_per_item(tori_worker, app):
+    """Celery's built-in ``celery.map``/``celery.starmap`` (what ``.map``,
+    ``.starmap`` and ``.chunks`` send): the named task runs once per item in
+    the worker, and the result is the list of its results."""
+    # A client without the task's code uses the canvas classes that
+    # `Task.chunks`/`.map`/`.starmap` return.
+    echo = app.signature("tori.echo")
+    res = chunks(echo, [(1, 2), (3,), (4, 5)], 2, app=app).apply_async()
+    assert res.get(timeout=30) == [[echo_result(1, 2), echo_result(3)], [echo_result(4, 5)]]
+    assert xmap(echo, [1, [2]], app=app).apply_async().get(timeout=30) == [echo_result(1), echo_result([2])]
+    assert xstarmap(echo, [(1, 2)], app=app).apply_async().get(timeout=30) == [echo_result(1, 2)]
+    # The first failing item fails the call with its error.
+    fail = app.signature("tori.fail")
+    with pytest.raises(RuntimeError, match="item one"):
+        xstarmap(fail, [["item one"], ["item two"]], app=app).apply_async().get(timeout=30)
