@@ -15,9 +15,9 @@
 //! the `children` entry of the finished task). Pure data like the rest of
 //! `protocol`: the caller records the chord size, then publishes.
 //!
-//! Not expanded (the caller fails the step with [`CanvasError`]): chains or
-//! chords *inside* a group or a chord header reached this way. Celery
-//! needs the saved `GroupResult` and a result join for those.
+//! Not expanded (the caller fails the step with [`CanvasError`]): a chord
+//! inside a group or a chord header reached this way, or a group or chord
+//! inside a chain inside one.
 
 use serde_json::{json, Map, Value};
 use thiserror::Error;
@@ -149,6 +149,19 @@ fn expand_group(
     let mut messages = Vec::new();
     let mut children = Vec::new();
     for (index, member) in members(sig, "group")? {
+        if kind(member) == Kind::Chain {
+            let (message, child) = chain_member(
+                member,
+                index,
+                &group_id,
+                None,
+                std::slice::from_ref(from.result),
+                from,
+            )?;
+            messages.push(message);
+            children.push(child);
+            continue;
+        }
         let mut member = member.clone();
         let opts = options_mut(&mut member);
         for (k, v) in &inherited {
@@ -230,15 +243,15 @@ fn expand_chord(
     let mut messages = Vec::new();
     let mut children = Vec::new();
     for (index, member) in &header_members {
-        let mut member = (*member).clone();
-        if !immutable(&member) {
-            let own = member
-                .get("args")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            member["args"] = Value::Array(partial.iter().cloned().chain(own).collect());
+        if kind(member) == Kind::Chain {
+            let (message, child) =
+                chain_member(member, *index, &group_id, Some(&body), &partial, from)?;
+            messages.push(message);
+            children.push(child);
+            continue;
         }
+        let mut member = (*member).clone();
+        prepend_args(&mut member, &partial);
         let opts = options_mut(&mut member);
         opts.entry("group_id").or_insert_with(|| json!(group_id));
         opts.insert("group_index".into(), json!(index));
@@ -252,6 +265,71 @@ fn expand_chord(
         chord_size: Some((group_id.clone(), header_members.len())),
         child: json!([[group_id, null], children]),
     })
+}
+
+/// A chain as a member of a group or chord header (`group(b | c, d)`),
+/// as Celery's `chain.run` starts it with a group id: the first task gets
+/// `prefix` before its own args and is published now, carrying the others
+/// (frozen) as its chain; the *last* task stands for the member, so it
+/// alone carries the group id, the place in the group and the chord body,
+/// and its result is the one that counts. Returns the message and the
+/// member's `children` entry (the last task, its parents back to the
+/// first).
+fn chain_member(
+    chain: &Value,
+    index: usize,
+    group_id: &str,
+    chord: Option<&Value>,
+    prefix: &[Value],
+    from: &Origin<'_>,
+) -> Result<((Envelope, Route), Value), CanvasError> {
+    let mut tasks = chain
+        .get("kwargs")
+        .and_then(|k| k.get("tasks"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if tasks.is_empty() {
+        return Err(CanvasError::Unsupported(
+            "an empty chain inside a group or chord header".into(),
+        ));
+    }
+    if let Some(other) = tasks.iter().map(kind).find(|k| *k != Kind::Task) {
+        return Err(CanvasError::Unsupported(format!(
+            "a {} inside a chain inside a group or chord header",
+            kind_name(other)
+        )));
+    }
+    let last = tasks.len() - 1;
+    for (i, task) in tasks.iter_mut().enumerate() {
+        if i > 0 {
+            let opts = options_mut(task);
+            opts.entry("task_id").or_insert_with(|| json!(new_id()));
+            opts.entry("reply_to")
+                .or_insert_with(|| json!(super::outgoing::worker_oid()));
+        }
+        if i == last {
+            let opts = options_mut(task);
+            opts.insert("group_index".into(), json!(index));
+            opts.insert("root_id".into(), json!(from.root_id));
+            opts.entry("group_id").or_insert_with(|| json!(group_id));
+            if let Some(body) = chord {
+                opts.insert("chord".into(), body.clone());
+            }
+        } else if i > 0 {
+            options_mut(task).insert("root_id".into(), json!(from.root_id));
+        }
+    }
+    let mut first = tasks[0].clone();
+    prepend_args(&mut first, prefix);
+    let rest: Vec<Value> = tasks[1..].iter().rev().cloned().collect();
+    let message = call(&first, None, Some(rest), from)?;
+    let mut child = child_ref(message_id(&message.0));
+    for task in &tasks[1..] {
+        let id = option_str(task, "task_id").unwrap_or_default();
+        child = json!([[id, child], null]);
+    }
+    Ok((message, child))
 }
 
 /// A chain as a callback: its first task gets the result and carries the
@@ -324,13 +402,13 @@ fn members<'a>(group: &'a Value, what: &str) -> Result<Vec<(usize, &'a Value)>, 
 }
 
 /// Nested groups unrolled in place, each member numbered by its place in
-/// its own list (Celery's `group._prepared`); anything but a plain task or
-/// a group is refused.
+/// its own list (Celery's `group._prepared`); tasks and chains are
+/// members, a chord inside is refused.
 fn flatten(tasks: &[Value]) -> Result<Vec<(usize, &Value)>, CanvasError> {
     let mut out = Vec::new();
     for (index, task) in tasks.iter().enumerate() {
         match kind(task) {
-            Kind::Task => out.push((index, task)),
+            Kind::Task | Kind::Chain => out.push((index, task)),
             Kind::Group => out.extend(members(task, "group")?),
             other => {
                 return Err(CanvasError::Unsupported(format!(
@@ -342,6 +420,20 @@ fn flatten(tasks: &[Value]) -> Result<Vec<(usize, &Value)>, CanvasError> {
         }
     }
     Ok(out)
+}
+
+/// `prefix` before the signature's own args, unless it is immutable (a
+/// partial call: Celery's `Signature._merge`).
+fn prepend_args(sig: &mut Value, prefix: &[Value]) {
+    if immutable(sig) {
+        return;
+    }
+    let own = sig
+        .get("args")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    sig["args"] = Value::Array(prefix.iter().cloned().chain(own).collect());
 }
 
 fn options_mut(sig: &mut Value) -> &mut Map<String, Value> {
@@ -541,17 +633,49 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_inside_a_group_is_refused_and_every_id_is_named() {
+    fn a_chain_in_a_group_counts_by_its_last_task() {
         let inner = json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": [
-            task(json!([1]), "c1"), task(json!([2]), "c2")]}, "options": {}, "subtask_type": "chain"});
+            task(json!([1]), "c1"), task(json!([2]), "c2"), task(json!([3]), "c3")]},
+            "options": {}, "subtask_type": "chain"});
+        let sig = group(vec![inner, task(json!([4]), "d")], "g");
+        let result = json!(0);
+        let exp = expand(&sig, None, &from(&result)).unwrap();
+        let msgs = decoded(&exp);
+        assert_eq!(
+            (msgs[0].id.as_str(), msgs[0].group.as_deref()),
+            ("c1", None)
+        );
+        assert_eq!(msgs[0].args, vec![json!(0), json!(1)]);
+        // Next link last; only the last task carries the group.
+        let chain_ids: Vec<&str> = msgs[0]
+            .chain
+            .iter()
+            .map(|t| t["options"]["task_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(chain_ids, ["c3", "c2"]);
+        assert_eq!(msgs[0].chain[0]["options"]["group_id"], json!("g"));
+        assert_eq!(msgs[0].chain[0]["options"]["group_index"], json!(0));
+        assert!(msgs[0].chain[1]["options"].get("group_id").is_none());
+        assert_eq!(msgs[1].group_index, Some(1));
+        assert_eq!(
+            exp.child[1][0],
+            json!([["c3", [["c2", [["c1", null], null]], null]], null])
+        );
+    }
+
+    #[test]
+    fn a_chord_inside_a_group_is_refused_and_every_id_is_named() {
+        let inner = json!({"task": "celery.chord", "args": [], "kwargs": {
+            "header": group(vec![task(json!([1]), "h1")], "hg"), "body": task(json!([]), "b")},
+            "options": {"task_id": "hg"}, "subtask_type": "chord"});
         let sig = group(vec![inner, task(json!([3]), "d")], "g");
         let result = json!(0);
         let err = expand(&sig, None, &from(&result)).unwrap_err();
         assert!(
-            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chain inside a group")),
+            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chord inside a group")),
             "{err}"
         );
-        assert_eq!(task_ids(&sig), ["g", "c1", "c2", "d"]);
+        assert_eq!(task_ids(&sig), ["g", "hg", "h1", "b", "d"]);
         // A task's own kwargs are never taken for workflow parts.
         let plain = json!({"task": "t", "kwargs": {"body": {"options": {"task_id": "x"}}}, "options": {"task_id": "t1"}});
         assert_eq!(task_ids(&plain), ["t1"]);

@@ -59,6 +59,8 @@ def shapes(app, first_queue: str, step_queue: str) -> dict:
         "a | group of a nested group": chain(a(), group(s(10), group(s(20), s(30)))),
         "a | group | b | c": chain(a(), group(s(10), s(20)), s(), s(5)),
         "a | chord": chain(a(), chord([s(10), s(20)], s())),
+        "a | group(b | c | d, e)": chain(a(), group(chain(s(10), s(11), s(12)), s(20))),
+        "a | chord([b | c, d], e)": chain(a(), chord([chain(s(10), s(11)), s(20)], s())),
         "link=group": a().set(link=group(s(10), s(20))),
         "two links": a().set(link=[s(10), s(20)]),
         "link=chain": a().set(link=chain(s(10), s(20))),
@@ -231,15 +233,31 @@ def test_failed_task_before_a_group_fails_its_members(tori_worker, app):
             app.AsyncResult(member.id).get(timeout=30)
 
 
-def test_step_tori_cannot_start_fails_with_a_clear_error(tori_worker, app):
-    """A chain inside a group that follows a task is not expanded: the task
-    and every id of the step get NotImplementedError saying so, instead of a
-    step that silently never runs."""
+def test_chains_inside_a_group_after_a_task(tori_worker, app):
     echo = app.signature("tori.echo")
     inner = chain(echo.clone(args=[10]), echo.clone(args=[11]))
     res = chain(echo.clone(args=[1]), group(inner, echo.clone(args=[20]))).apply_async()
-    with pytest.raises(NotImplementedError, match="a chain inside a group"):
-        app.AsyncResult(res.parent.id).get(timeout=30)
+    first = echo_result(1)
+    assert res.get(timeout=30) == [echo_result(echo_result(first, 10), 11), echo_result(first, 20)]
+    chorded = chain(echo.clone(args=[1]),
+                    chord([chain(echo.clone(args=[10]), echo.clone(args=[11])), echo.clone(args=[20])],
+                          echo.clone())).apply_async()
+    assert chorded.get(timeout=30) == echo_result(
+        [echo_result(echo_result(first, 10), 11), echo_result(first, 20)])
+
+
+def test_step_tori_cannot_start_fails_with_a_clear_error(tori_worker, app):
+    """A chord inside a group that follows a task is not expanded: the task
+    and every id of the step get NotImplementedError saying so, instead of a
+    step that silently never runs."""
+    echo = app.signature("tori.echo")
+    inner = chord([echo.clone(args=[10])], echo.clone())
+    res = chain(echo.clone(args=[1]), group(inner, echo.clone(args=[20]))).apply_async()
+    first = res.parent
+    while first.parent is not None:
+        first = first.parent
+    with pytest.raises(NotImplementedError, match="a chord inside a group"):
+        app.AsyncResult(first.id).get(timeout=30)
     other = res.results[-1]
     with pytest.raises(NotImplementedError, match="cannot start this workflow step"):
         app.AsyncResult(other.id).get(timeout=30)
