@@ -119,6 +119,8 @@ pub fn expand(
     rest: Option<Vec<Value>>,
     from: &Origin<'_>,
 ) -> Result<Expansion, CanvasError> {
+    // A signature that was a chord's body carries the rest of its chain.
+    let rest = rest.or_else(|| sig.get("options")?.get("chain")?.as_array().cloned());
     match kind(sig) {
         Kind::Task => call(sig, Some(from.result), rest, from).map(Expansion::single),
         Kind::Group => expand_group(sig, rest, from),
@@ -142,7 +144,13 @@ fn expand_group(
         .filter(|(k, _)| {
             !matches!(
                 k.as_str(),
-                "task_id" | "root_id" | "parent_id" | "group_index" | "reply_to"
+                "task_id"
+                    | "group_id"
+                    | "root_id"
+                    | "parent_id"
+                    | "group_index"
+                    | "reply_to"
+                    | "chain"
             )
         })
         .collect();
@@ -199,12 +207,6 @@ fn expand_chord(
         .filter(|b| b.is_object())
         .cloned()
         .ok_or_else(|| CanvasError::Unsupported(format!("a chord without a body: {sig}")))?;
-    if kind(&body) != Kind::Task && kind(&body) != Kind::Group {
-        return Err(CanvasError::Unsupported(format!(
-            "a chord whose body is a {}",
-            kind_name(kind(&body))
-        )));
-    }
     let group_id = option_str(&header, "task_id")
         .or_else(|| option_str(sig, "task_id"))
         .map_or_else(new_id, str::to_owned);
@@ -221,6 +223,7 @@ fn expand_chord(
             .unwrap_or_default(),
     );
 
+    let body_kind = kind(&body);
     {
         let opts = options_mut(&mut body);
         if let Some(rest) = rest {
@@ -228,8 +231,30 @@ fn expand_chord(
         }
         opts.insert("root_id".into(), json!(from.root_id));
         opts.entry("priority").or_insert(Value::Null);
-        opts.entry("group_id").or_insert_with(|| json!(group_id));
+        // A chord body passes the group id on to its own body instead.
+        if body_kind != Kind::Chord {
+            opts.entry("group_id").or_insert_with(|| json!(group_id));
+        }
         opts.entry("task_id").or_insert_with(|| json!(new_id()));
+    }
+    if body_kind == Kind::Chord {
+        freeze_chord_body(&mut body, &group_id, from.root_id);
+    }
+    // A group body's members are frozen with the chord's group id (Celery's
+    // `group.freeze(group_id=...)` in `_chord.run`).
+    if kind(&body) == Kind::Group {
+        if let Some(tasks) = body
+            .get_mut("kwargs")
+            .and_then(|k| k.get_mut("tasks"))
+            .and_then(Value::as_array_mut)
+        {
+            for (index, member) in tasks.iter_mut().enumerate() {
+                let opts = options_mut(member);
+                opts.insert("group_index".into(), json!(index));
+                opts.insert("root_id".into(), json!(from.root_id));
+                opts.entry("group_id").or_insert_with(|| json!(group_id));
+            }
+        }
     }
 
     let header_members: Vec<(usize, &Value)> = if header.is_array() {
@@ -265,6 +290,35 @@ fn expand_chord(
         chord_size: Some((group_id.clone(), header_members.len())),
         child: json!([[group_id, null], children]),
     })
+}
+
+/// A chord that is another chord's body, frozen as Celery's
+/// `_chord.freeze` freezes it: its header and the header's members get the
+/// root id, its own body the root id and the outer chord's group id.
+fn freeze_chord_body(chord: &mut Value, group_id: &str, root_id: &str) {
+    let Some(kwargs) = chord.get_mut("kwargs").filter(|k| k.is_object()) else {
+        return;
+    };
+    if let Some(header) = kwargs.get_mut("header") {
+        if header.is_object() {
+            options_mut(header).insert("root_id".into(), json!(root_id));
+        }
+        let members = match header {
+            Value::Array(list) => Some(list),
+            other => other
+                .get_mut("kwargs")
+                .and_then(|k| k.get_mut("tasks"))
+                .and_then(Value::as_array_mut),
+        };
+        for member in members.into_iter().flatten() {
+            options_mut(member).insert("root_id".into(), json!(root_id));
+        }
+    }
+    if let Some(body) = kwargs.get_mut("body").filter(|b| b.is_object()) {
+        let opts = options_mut(body);
+        opts.insert("root_id".into(), json!(root_id));
+        opts.entry("group_id").or_insert_with(|| json!(group_id));
+    }
 }
 
 /// A chain as a member of a group or chord header (`group(b | c, d)`),

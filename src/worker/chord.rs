@@ -13,7 +13,7 @@ use tasks::task::py_repr;
 
 use super::Ctx;
 use crate::backend::chord::{ChordCount, ChordMember};
-use crate::protocol::outgoing::SignatureCall;
+use crate::protocol::canvas::{self, Origin};
 use crate::protocol::result::{exception_from_value, exception_value};
 use crate::protocol::{pyjson, State, StateDoc, TaskMessage};
 
@@ -132,72 +132,65 @@ pub(crate) fn shape(tuple: &Value, by_id: &HashMap<&str, &Value>) -> Option<Valu
     }
 }
 
+/// Calls the body as Celery's `callback.delay(results)` does: a task gets
+/// the joined results first; a group body starts every member with them,
+/// a chord body starts its header with them (`canvas`), under the ids the
+/// client froze. A body that cannot be started or published fails with
+/// ChordError under every id not yet published.
 async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]) {
     let results = Value::Array(results.to_vec());
     let root = msg.root_id.clone().unwrap_or_else(|| msg.id.clone());
-    // A group body is called as Celery's `group.delay(results)`: every
-    // member gets the joined results first, under the id and group id the
-    // client gave it when it froze the chord.
-    let signatures = group_members(body).unwrap_or_else(|| vec![body]);
-    let mut calls = Vec::with_capacity(signatures.len());
-    for signature in signatures {
-        let call = SignatureCall {
-            signature,
-            parent_result: Some(&results),
-            parent_id: &msg.id,
-            root_id: &root,
-            chain: None,
-            origin: &ctx.cfg.node_name,
-            default_queue: &ctx.cfg.default_queue,
-        };
-        match call.build() {
-            Some(built) => calls.push(built),
-            None => {
-                let message = format!(
-                    "tori-worker cannot call this chord body (no task name, e.g. a nested group): {signature}"
-                );
-                return fail_body(ctx, body, &message).await;
-            }
+    let from = Origin {
+        result: &results,
+        parent_id: &msg.id,
+        root_id: &root,
+        origin: &ctx.cfg.node_name,
+        default_queue: &ctx.cfg.default_queue,
+    };
+    let expansion = match canvas::expand(body, None, &from) {
+        Ok(expansion) => expansion,
+        Err(e) => {
+            let message = format!("tori-worker cannot call this chord body: {e}");
+            return fail_body(ctx, body, &message).await;
+        }
+    };
+    if let Some((group_id, size)) = &expansion.chord_size {
+        if let Err(e) = ctx.backend.set_chord_size(group_id, *size).await {
+            let message = format!("could not record the size of the chord body's chord: {e}");
+            return fail_body(ctx, body, &message).await;
         }
     }
-    for (published, (env, route)) in calls.into_iter().enumerate() {
-        let body_id = env
+    for (published, (env, route)) in expansion.messages.iter().enumerate() {
+        let id = env
             .headers()
             .get("id")
             .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
+            .unwrap_or("");
         match ctx
             .broker
-            .publish(&env, &route.exchange, &route.routing_key)
+            .publish(env, &route.exchange, &route.routing_key)
             .await
         {
-            Ok(_) => tracing::info!(chord_body = %body_id, "chord complete; body called"),
+            Ok(_) => tracing::info!(chord_body = %id, "chord complete; body called"),
             Err(e) => {
                 let message = format!("could not publish the chord body: {e}");
                 tracing::error!(error = %e, "could not publish the chord body; storing FAILURE ChordError for it");
-                // Members already published will run; fail the rest.
-                let mut unsent = vec![body];
+                // Messages already published will run; fail the rest.
+                let mut unsent: Vec<String> = canvas::task_ids(body).into_iter().take(1).collect();
                 unsent.extend(
-                    group_members(body)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .skip(published),
+                    expansion.messages[published..]
+                        .iter()
+                        .filter_map(|(env, _)| {
+                            env.headers()
+                                .get("id")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned)
+                        }),
                 );
-                return fail_signatures(ctx, &unsent, &message).await;
+                return fail_ids(ctx, &unsent, &message).await;
             }
         }
     }
-}
-
-/// The member signatures of a group (`celery.group`), or `None` for any
-/// other signature.
-fn group_members(signature: &Value) -> Option<Vec<&Value>> {
-    if signature.get("task").and_then(Value::as_str) != Some("celery.group") {
-        return None;
-    }
-    let tasks = signature.get("kwargs")?.get("tasks")?.as_array()?;
-    Some(tasks.iter().collect())
 }
 
 /// The body gets FAILURE with a ChordError, as Celery's
@@ -219,18 +212,13 @@ async fn fail_body(ctx: &Ctx, body: &Value, message: &str) {
         super::outcome::call_errbacks(ctx, &errbacks, body_id, body_id).await;
     }
     // A group body fails under its own id (what Celery stores) and under
-    // each member's, so a client waiting on the GroupResult sees it too.
-    let mut targets = vec![body];
-    targets.extend(group_members(body).unwrap_or_default());
-    fail_signatures(ctx, &targets, message).await;
+    // each member's (a chord body: its header's), so a client waiting on
+    // any of them sees it too.
+    fail_ids(ctx, &canvas::task_ids(body), message).await;
 }
 
-/// Stores FAILURE ChordError under the task id of each signature.
-async fn fail_signatures(ctx: &Ctx, targets: &[&Value], message: &str) {
-    let ids: Vec<&str> = targets
-        .iter()
-        .filter_map(|sig| sig.get("options")?.get("task_id")?.as_str())
-        .collect();
+/// Stores FAILURE ChordError under each id.
+async fn fail_ids(ctx: &Ctx, ids: &[String], message: &str) {
     if ids.is_empty() {
         tracing::error!(
             message,
@@ -240,7 +228,7 @@ async fn fail_signatures(ctx: &Ctx, targets: &[&Value], message: &str) {
     }
     for body_id in ids {
         tracing::error!(
-            chord_body = body_id,
+            chord_body = %body_id,
             message,
             "chord failed; storing FAILURE ChordError for its body"
         );

@@ -61,6 +61,8 @@ def shapes(app, first_queue: str, step_queue: str) -> dict:
         "a | chord": chain(a(), chord([s(10), s(20)], s())),
         "a | group(b | c | d, e)": chain(a(), group(chain(s(10), s(11), s(12)), s(20))),
         "a | chord([b | c, d], e)": chain(a(), chord([chain(s(10), s(11)), s(20)], s())),
+        "a | group | group": chain(a(), group(s(10), s(20)), group(s(30), s(40))),
+        "a | group | chord": chain(a(), group(s(10), s(20)), chord([s(30), s(40)], s())),
         "link=group": a().set(link=group(s(10), s(20))),
         "two links": a().set(link=[s(10), s(20)]),
         "link=chain": a().set(link=chain(s(10), s(20))),
@@ -244,6 +246,20 @@ def test_chains_inside_a_group_after_a_task(tori_worker, app):
                           echo.clone())).apply_async()
     assert chorded.get(timeout=30) == echo_result(
         [echo_result(echo_result(first, 10), 11), echo_result(first, 20)])
+
+
+def test_group_then_group_or_chord_after_a_task(tori_worker, app):
+    """The client makes ``group | group`` and ``group | chord`` chords whose
+    body is a group or a chord: the body starts with the header's results."""
+    echo = app.signature("tori.echo")
+    first = echo_result(1)
+    header = [echo_result(first, 10), echo_result(first, 20)]
+    res = chain(echo.clone(args=[1]), group(echo.clone(args=[10]), echo.clone(args=[20])),
+                group(echo.clone(args=[30]), echo.clone(args=[40]))).apply_async()
+    assert res.get(timeout=30) == [echo_result(header, 30), echo_result(header, 40)]
+    res = chain(echo.clone(args=[1]), group(echo.clone(args=[10]), echo.clone(args=[20])),
+                chord([echo.clone(args=[30]), echo.clone(args=[40])], echo.clone())).apply_async()
+    assert res.get(timeout=30) == echo_result([echo_result(header, 30), echo_result(header, 40)])
 
 
 def test_step_tori_cannot_start_fails_with_a_clear_error(tori_worker, app):
