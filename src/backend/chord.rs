@@ -180,17 +180,10 @@ impl ResultBackend {
     /// saves it only when a header member's result is itself a group (a
     /// chain that ends in a group), so that the body gets nested lists.
     pub async fn saved_group(&self, group_id: &str) -> Result<Option<Value>, RedisError> {
-        let key = self.chord_key(group_id, "");
-        let raw: Option<String> = self
-            .link
-            .retry("read saved group", |mut c| {
-                let cmd = redis::cmd("GET").arg(&key).clone();
-                async move { cmd.query_async(&mut c).await }
-            })
+        let doc = self
+            .read_doc(&self.chord_key(group_id, ""), "read saved group")
             .await?;
-        Ok(raw
-            .and_then(|r| serde_json::from_str::<Value>(&r).ok())
-            .and_then(|mut v| v.get_mut("result").map(Value::take)))
+        Ok(doc.and_then(|mut v| v.get_mut("result").map(Value::take)))
     }
 
     /// Records how many header results a chord waits for (`<gid>.s`, what

@@ -104,21 +104,27 @@ impl ResultBackend {
 
     /// The stored state name, if any (`None` means PENDING).
     pub async fn state_of(&self, task_id: &str) -> Result<Option<String>, RedisError> {
-        let key = self.meta_key(task_id);
+        let doc = self
+            .read_doc(&self.meta_key(task_id), "read result")
+            .await?;
+        Ok(doc.and_then(|d| d.get("status")?.as_str().map(str::to_owned)))
+    }
+
+    /// The JSON document stored at `key` (a result or a saved group),
+    /// retrying while Redis is away; `None` when absent or not JSON.
+    pub(crate) async fn read_doc(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<Value>, RedisError> {
         let raw: Option<String> = self
             .link
-            .retry("read result", |mut c| {
-                let cmd = redis::cmd("GET").arg(&key).clone();
+            .retry(what, |mut c| {
+                let cmd = redis::cmd("GET").arg(key).clone();
                 async move { cmd.query_async(&mut c).await }
             })
             .await?;
-        Ok(raw.and_then(|r| {
-            serde_json::from_str::<Value>(&r)
-                .ok()?
-                .get("status")?
-                .as_str()
-                .map(str::to_owned)
-        }))
+        Ok(raw.and_then(|r| serde_json::from_str::<Value>(&r).ok()))
     }
 }
 
