@@ -215,12 +215,22 @@ impl Broker {
         let mut fix = redis::pipe();
         fix.atomic();
         let mut needs_fix = false;
-        for item in reply.chunks(6) {
-            let [q, msg, status, tag, ex, rk] = item else {
-                continue;
-            };
+        let mut items = reply.into_iter();
+        while let (Some(q), Some(msg), Some(status), Some(tag), Some(ex), Some(rk)) = (
+            items.next(),
+            items.next(),
+            items.next(),
+            items.next(),
+            items.next(),
+            items.next(),
+        ) {
+            let (q, status, tag, ex, rk) = (&q, &status, &tag, &ex, &rk);
             let q: usize = redis::from_redis_value_ref(q)?;
-            let raw: Vec<u8> = redis::from_redis_value_ref(msg)?;
+            // Taken, not copied: the message is the largest part of a reply.
+            let raw: Vec<u8> = match msg {
+                RedisValue::BulkString(bytes) => bytes,
+                other => redis::from_redis_value(other)?,
+            };
             let status: i64 = redis::from_redis_value_ref(status)?;
             let tag: String = redis::from_redis_value_ref(tag)?;
             let recorded = (

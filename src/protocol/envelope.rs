@@ -4,9 +4,24 @@
 //! included), because a message that goes back to a queue — restore,
 //! requeue, dead-letter — must be the same message any Python peer would
 //! restore, with only `redelivered` added.
+//!
+//! Why two representations: building that ordered object for every
+//! message consumed (an `IndexMap` per level, a `String` per key) was the
+//! largest user-space cost of the worker's parent on a no-op drain, while
+//! a consumer only reads a handful of fields. An envelope read off the
+//! wire therefore keeps its text and the fields consumers read, typed, and
+//! builds the full object only when something asks for it (a restore, a
+//! retry, an unusual reader). Anything the typed reading does not accept
+//! exactly — duplicate keys, unexpected types, a non-object — falls back
+//! to the full object, so both paths give the same answers.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
@@ -31,22 +46,202 @@ pub enum EnvelopeError {
 }
 
 /// A kombu envelope (see SPEC §1.3).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Envelope {
-    object: Map<String, Value>,
+    repr: Repr,
+}
+
+#[derive(Debug, Clone)]
+enum Repr {
+    /// Read off the wire and not changed since.
+    Read(Box<ReadEnvelope>),
+    /// Built here, or changed after reading: the object is the truth.
+    Object(Map<String, Value>),
+}
+
+/// The fields consumers read, plus the text for everything else.
+#[derive(Debug, Clone)]
+struct ReadEnvelope {
+    raw: Box<str>,
+    /// Where the `headers` object's text sits in `raw` (absent or null:
+    /// none).
+    headers: Option<std::ops::Range<usize>>,
+    body: String,
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+    base64: bool,
+    delivery_tag: String,
+    exchange: String,
+    routing_key: String,
+    priority: u8,
+    redelivered: bool,
+    /// The whole object, built on first request.
+    object: OnceLock<Map<String, Value>>,
+}
+
+/// A JSON value that was present, `null` included (serde's `Option`
+/// would read `null` as absent, which the object reading does not).
+#[derive(Debug, Default)]
+pub(crate) struct Present(pub(crate) Option<Value>);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Value::deserialize(d).map(|v| Present(Some(v)))
+    }
+}
+
+impl Present {
+    pub(crate) fn get(&self) -> Option<&Value> {
+        self.0.as_ref()
+    }
+}
+
+#[derive(Deserialize)]
+struct WireEnvelope<'a> {
+    #[serde(borrow)]
+    body: Cow<'a, str>,
+    #[serde(rename = "content-type", default, borrow)]
+    content_type: Option<Cow<'a, str>>,
+    #[serde(rename = "content-encoding", default, borrow)]
+    content_encoding: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    headers: Option<&'a RawValue>,
+    #[serde(borrow)]
+    properties: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct WireProperties<'a> {
+    #[serde(borrow)]
+    delivery_tag: Cow<'a, str>,
+    #[serde(default)]
+    body_encoding: Present,
+    #[serde(default)]
+    priority: Present,
+    #[serde(default, borrow)]
+    delivery_info: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct WireDeliveryInfo<'a> {
+    #[serde(default, borrow)]
+    exchange: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    routing_key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    redelivered: Present,
+}
+
+#[derive(Deserialize)]
+struct WireHeaders {
+    #[serde(default)]
+    redelivered: Present,
+}
+
+/// Parses `raw` as `T` only if it is a JSON object: serde's derived
+/// structs also accept arrays, which the object reading would refuse.
+fn object_of<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<T> {
+    if !raw.get().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
+}
+
+fn priority_of(value: Option<&Value>) -> u8 {
+    value
+        .and_then(Value::as_u64)
+        .map(|p| p.min(255) as u8)
+        .unwrap_or(0)
+}
+
+fn flag_of(value: Option<&Value>) -> bool {
+    value.and_then(Value::as_bool).unwrap_or(false)
+}
+
+impl ReadEnvelope {
+    /// The typed reading; `None` when the text needs the object reading
+    /// to be understood (or rejected) exactly.
+    fn read(text: &str) -> Option<Self> {
+        if !text.trim_start().starts_with('{') {
+            return None;
+        }
+        let wire: WireEnvelope<'_> = serde_json::from_str(text).ok()?;
+        let properties: WireProperties<'_> = object_of(wire.properties)?;
+        if properties.delivery_tag.is_empty() {
+            return None;
+        }
+        let info: Option<WireDeliveryInfo<'_>> = match properties.delivery_info {
+            Some(raw) => Some(object_of(raw)?),
+            None => None,
+        };
+        let headers_redelivered = match wire.headers {
+            Some(h) => object_of::<WireHeaders>(h)?.redelivered,
+            None => Present(None),
+        };
+        // The headers' text is a slice of `text`: remember where.
+        let headers = wire.headers.map(|h| {
+            let start = h.get().as_ptr() as usize - text.as_ptr() as usize;
+            start..start + h.get().len()
+        });
+        let info = info.as_ref();
+        Some(Self {
+            headers,
+            body: wire.body.into_owned(),
+            content_type: wire.content_type.map(Cow::into_owned),
+            content_encoding: wire.content_encoding.map(Cow::into_owned),
+            base64: properties.body_encoding.get().and_then(Value::as_str) == Some("base64"),
+            delivery_tag: properties.delivery_tag.into_owned(),
+            exchange: info
+                .and_then(|i| i.exchange.as_deref())
+                .unwrap_or("")
+                .to_owned(),
+            routing_key: info
+                .and_then(|i| i.routing_key.as_deref())
+                .unwrap_or("")
+                .to_owned(),
+            priority: priority_of(properties.priority.get()),
+            redelivered: flag_of(headers_redelivered.get())
+                || flag_of(info.and_then(|i| i.redelivered.get())),
+            raw: text.into(),
+            object: OnceLock::new(),
+        })
+    }
+
+    fn object(&self) -> &Map<String, Value> {
+        self.object
+            .get_or_init(|| match serde_json::from_str(&self.raw) {
+                Ok(Value::Object(object)) => object,
+                // Cannot happen: the typed reading accepted this text as an
+                // object.
+                _ => Map::new(),
+            })
+    }
+}
+
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_object() == other.as_object()
+    }
 }
 
 impl Envelope {
     /// Parses and validates the parts every consumer relies on: a body, a
     /// properties object and a delivery tag.
     pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        if let Some(read) = std::str::from_utf8(bytes).ok().and_then(ReadEnvelope::read) {
+            return Ok(Self {
+                repr: Repr::Read(Box::new(read)),
+            });
+        }
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
         let Value::Object(object) = value else {
             return Err(EnvelopeError::NotAnObject);
         };
-        let envelope = Self { object };
-        if !matches!(envelope.object.get("body"), Some(Value::String(_))) {
+        let envelope = Self {
+            repr: Repr::Object(object),
+        };
+        if !matches!(envelope.as_object().get("body"), Some(Value::String(_))) {
             return Err(EnvelopeError::MissingBody);
         }
         if envelope.properties_opt().is_none() {
@@ -86,44 +281,52 @@ impl Envelope {
         object.insert("content-type".into(), json!(content_type));
         object.insert("headers".into(), Value::Object(headers));
         object.insert("properties".into(), Value::Object(properties));
-        Self { object }
+        Self {
+            repr: Repr::Object(object),
+        }
     }
 
     /// The payload bytes, base64-decoded when `body_encoding` says so.
     pub fn body(&self) -> Result<Vec<u8>, EnvelopeError> {
-        let body = self
-            .object
-            .get("body")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        match self
-            .properties()
-            .get("body_encoding")
-            .and_then(Value::as_str)
-        {
-            Some("base64") => BASE64
+        let (body, base64) = match &self.repr {
+            Repr::Read(r) => (r.body.as_str(), r.base64),
+            Repr::Object(object) => (
+                object.get("body").and_then(Value::as_str).unwrap_or(""),
+                self.properties()
+                    .get("body_encoding")
+                    .and_then(Value::as_str)
+                    == Some("base64"),
+            ),
+        };
+        if base64 {
+            BASE64
                 .decode(body.trim())
-                .map_err(|e| EnvelopeError::BadBase64(e.to_string())),
-            _ => Ok(body.as_bytes().to_vec()),
+                .map_err(|e| EnvelopeError::BadBase64(e.to_string()))
+        } else {
+            Ok(body.as_bytes().to_vec())
         }
     }
 
     pub fn content_type(&self) -> &str {
-        self.object
-            .get("content-type")
-            .and_then(Value::as_str)
-            .unwrap_or("application/json")
+        match &self.repr {
+            Repr::Read(r) => r.content_type.as_deref(),
+            Repr::Object(o) => o.get("content-type").and_then(Value::as_str),
+        }
+        .unwrap_or("application/json")
     }
 
     pub fn content_encoding(&self) -> &str {
-        self.object
-            .get("content-encoding")
-            .and_then(Value::as_str)
-            .unwrap_or("utf-8")
+        match &self.repr {
+            Repr::Read(r) => r.content_encoding.as_deref(),
+            Repr::Object(o) => o.get("content-encoding").and_then(Value::as_str),
+        }
+        .unwrap_or("utf-8")
     }
 
     fn properties_opt(&self) -> Option<&Map<String, Value>> {
-        self.object.get("properties").and_then(Value::as_object)
+        self.as_object()
+            .get("properties")
+            .and_then(Value::as_object)
     }
 
     pub fn properties(&self) -> &Map<String, Value> {
@@ -132,9 +335,24 @@ impl Envelope {
             .unwrap_or_else(|| EMPTY.get_or_init(Map::new))
     }
 
+    /// The object, for changing it: from here on it is the truth.
+    fn object_mut(&mut self) -> &mut Map<String, Value> {
+        if let Repr::Read(read) = &mut self.repr {
+            let object = match read.object.take() {
+                Some(object) => object,
+                None => read.object().clone(),
+            };
+            self.repr = Repr::Object(object);
+        }
+        match &mut self.repr {
+            Repr::Object(object) => object,
+            Repr::Read(_) => unreachable!("just replaced"),
+        }
+    }
+
     fn properties_mut(&mut self) -> &mut Map<String, Value> {
         let slot = self
-            .object
+            .object_mut()
             .entry("properties")
             .or_insert_with(|| Value::Object(Map::new()));
         if !slot.is_object() {
@@ -146,15 +364,26 @@ impl Envelope {
     /// Application headers; an absent or non-object `headers` reads empty.
     pub fn headers(&self) -> &Map<String, Value> {
         static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-        self.object
+        self.as_object()
             .get("headers")
             .and_then(Value::as_object)
             .unwrap_or_else(|| EMPTY.get_or_init(Map::new))
     }
 
+    /// The JSON text of the headers object as it arrived (`{}` when there
+    /// is none), for readers that parse only the headers they need; `None`
+    /// when only [`Envelope::headers`] can tell (a built or changed
+    /// envelope).
+    pub fn headers_text(&self) -> Option<&str> {
+        match &self.repr {
+            Repr::Read(r) => Some(r.headers.clone().map_or("{}", |range| &r.raw[range])),
+            Repr::Object(_) => None,
+        }
+    }
+
     fn headers_mut(&mut self) -> &mut Map<String, Value> {
         let slot = self
-            .object
+            .object_mut()
             .entry("headers")
             .or_insert_with(|| Value::Object(Map::new()));
         if !slot.is_object() {
@@ -164,10 +393,14 @@ impl Envelope {
     }
 
     pub fn delivery_tag(&self) -> &str {
-        self.properties()
-            .get("delivery_tag")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        match &self.repr {
+            Repr::Read(r) => &r.delivery_tag,
+            Repr::Object(_) => self
+                .properties()
+                .get("delivery_tag")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        }
     }
 
     fn delivery_info(&self) -> Option<&Map<String, Value>> {
@@ -178,37 +411,46 @@ impl Envelope {
 
     /// The exchange the publisher used (`""` = default exchange).
     pub fn exchange(&self) -> &str {
-        self.delivery_info()
-            .and_then(|d| d.get("exchange"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        match &self.repr {
+            Repr::Read(r) => &r.exchange,
+            Repr::Object(_) => self
+                .delivery_info()
+                .and_then(|d| d.get("exchange"))
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        }
     }
 
     pub fn routing_key(&self) -> &str {
-        self.delivery_info()
-            .and_then(|d| d.get("routing_key"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        match &self.repr {
+            Repr::Read(r) => &r.routing_key,
+            Repr::Object(_) => self
+                .delivery_info()
+                .and_then(|d| d.get("routing_key"))
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        }
     }
 
     /// Message priority 0..=255 (kombu clamps to its priority steps).
     pub fn priority(&self) -> u8 {
-        self.properties()
-            .get("priority")
-            .and_then(Value::as_u64)
-            .map(|p| p.min(255) as u8)
-            .unwrap_or(0)
+        match &self.repr {
+            Repr::Read(r) => r.priority,
+            Repr::Object(_) => priority_of(self.properties().get("priority")),
+        }
     }
 
     /// True when kombu (or we) put this message back after a failed
     /// delivery.
     pub fn redelivered(&self) -> bool {
-        let flag = |m: Option<&Map<String, Value>>| {
-            m.and_then(|m| m.get("redelivered"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
-        };
-        flag(Some(self.headers())) || flag(self.delivery_info())
+        match &self.repr {
+            Repr::Read(r) => r.redelivered,
+            Repr::Object(_) => {
+                let flag =
+                    |m: Option<&Map<String, Value>>| flag_of(m.and_then(|m| m.get("redelivered")));
+                flag(Some(self.headers())) || flag(self.delivery_info())
+            }
+        }
     }
 
     /// Marks the message as redelivered in both places kombu does
@@ -246,11 +488,28 @@ impl Envelope {
 
     /// Serialized as kombu would (Python `json.dumps` formatting).
     pub fn to_json(&self) -> String {
-        pyjson::to_string(&self.object)
+        pyjson::to_string(self.as_object())
     }
 
     pub fn as_object(&self) -> &Map<String, Value> {
-        &self.object
+        match &self.repr {
+            Repr::Read(r) => r.object(),
+            Repr::Object(object) => object,
+        }
+    }
+
+    /// Whether the typed reading took this envelope (tests compare it
+    /// with the object reading).
+    #[cfg(test)]
+    pub(crate) fn is_read(&self) -> bool {
+        matches!(self.repr, Repr::Read(_))
+    }
+
+    /// The same envelope, answered from its object from now on.
+    #[cfg(test)]
+    pub(crate) fn into_object(mut self) -> Self {
+        self.object_mut();
+        self
     }
 }
 
@@ -297,6 +556,125 @@ mod tests {
         assert_eq!(plain.to_json().as_bytes(), restored);
         expected.mark_redelivered();
         assert_eq!(expected.to_json().as_bytes(), restored);
+    }
+
+    /// Every accessor, read both ways.
+    fn answers(env: &Envelope) -> Value {
+        json!({
+            "body": env.body().map_err(|e| e.to_string()),
+            "content_type": env.content_type(),
+            "content_encoding": env.content_encoding(),
+            "delivery_tag": env.delivery_tag(),
+            "exchange": env.exchange(),
+            "routing_key": env.routing_key(),
+            "priority": env.priority(),
+            "redelivered": env.redelivered(),
+            "headers": env.headers(),
+            "properties": env.properties(),
+            "json": env.to_json(),
+        })
+    }
+
+    #[test]
+    fn typed_reading_answers_like_the_object_reading() {
+        let mut read = 0;
+        for (path, env) in crate::protocol::broker_vector_envelopes() {
+            read += usize::from(env.is_read());
+            let object = env.clone().into_object();
+            assert!(!object.is_read());
+            assert_eq!(answers(&env), answers(&object), "{}", path.display());
+        }
+        assert!(read >= 20, "typed reading took only {read} vectors");
+    }
+
+    #[test]
+    fn unusual_layouts_fall_back_to_the_object_reading() {
+        let cases: &[(&str, bool)] = &[
+            // Duplicate key: the last one counts, as in Python.
+            (
+                r#"{"body": "a", "body": "Yg==", "properties": {"delivery_tag": "t", "body_encoding": "base64"}}"#,
+                false,
+            ),
+            (
+                r#"{"body": "x", "properties": {"delivery_tag": "t", "delivery_tag": "u"}}"#,
+                false,
+            ),
+            // Types the typed reading does not take.
+            (
+                r#"{"body": "x", "content-type": 3, "properties": {"delivery_tag": "t"}}"#,
+                false,
+            ),
+            (
+                r#"{"body": "x", "headers": "h", "properties": {"delivery_tag": "t"}}"#,
+                false,
+            ),
+            (
+                r#"{"body": "x", "headers": [1], "properties": {"delivery_tag": "t"}}"#,
+                false,
+            ),
+            (
+                r#"{"body": "x", "properties": {"delivery_tag": "t", "delivery_info": ["e", "r"]}}"#,
+                false,
+            ),
+            (
+                r#"{"body": "x", "properties": {"delivery_tag": "t", "delivery_info": {"exchange": 1}}}"#,
+                false,
+            ),
+            (
+                r#"{"body": "x", "headers": {"redelivered": true, "redelivered": false}, "properties": {"delivery_tag": "t"}}"#,
+                false,
+            ),
+            // Taken typed, with the same answers.
+            (
+                r#"{"body": "x", "headers": null, "properties": {"delivery_tag": "t", "priority": 300, "delivery_info": null}}"#,
+                true,
+            ),
+            (
+                r#"{"body": "x", "headers": {"redelivered": "yes"}, "properties": {"delivery_tag": "t", "body_encoding": 7, "delivery_info": {"redelivered": true, "routing_key": "q"}}}"#,
+                true,
+            ),
+            (
+                r#"  {"body": "\u00e9t\u00e9", "content-encoding": "utf-8", "headers": {"a": {"b": [1, 2]}}, "properties": {"delivery_tag": "t\"q"}, "extra": [1]}"#,
+                true,
+            ),
+        ];
+        for (text, typed) in cases {
+            let env = Envelope::parse(text.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(env.is_read(), *typed, "{text}");
+            let value: Value = serde_json::from_str(text).unwrap();
+            let Value::Object(object) = value else {
+                unreachable!()
+            };
+            let object = Envelope {
+                repr: Repr::Object(object),
+            };
+            assert_eq!(answers(&env), answers(&object), "{text}");
+        }
+        // An array is not an envelope, even with the right items in order.
+        assert_eq!(
+            Envelope::parse(br#"["x", null, null, null, {"delivery_tag": "t"}]"#),
+            Err(EnvelopeError::NotAnObject)
+        );
+        assert_eq!(
+            Envelope::parse(br#"{"body": "x", "properties": ["t"]}"#),
+            Err(EnvelopeError::MissingProperties)
+        );
+        assert_eq!(
+            Envelope::parse(br#"{"body": "x", "properties": {"delivery_tag": ""}}"#),
+            Err(EnvelopeError::MissingDeliveryTag)
+        );
+    }
+
+    #[test]
+    fn changing_a_read_envelope_keeps_every_other_field() {
+        let mut env = Envelope::parse(DELAY).unwrap();
+        assert!(env.is_read());
+        env.set_header("x", json!(1));
+        assert!(!env.is_read());
+        assert_eq!(env.delivery_tag(), "c266b3d1-822f-441d-880c-88f4a4e8147d");
+        assert_eq!(env.routing_key(), "celery");
+        assert_eq!(env.headers()["x"], json!(1));
+        assert_eq!(env.headers()["task"], json!("capapp.add"));
     }
 
     #[test]

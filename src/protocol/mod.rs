@@ -12,3 +12,22 @@ pub mod task_message;
 pub use envelope::{Envelope, EnvelopeError};
 pub use result::{State, StateDoc};
 pub use task_message::{DecodeError, TaskMessage, TimeLimit};
+
+/// Every captured broker envelope in `tests/vectors/broker` that parses,
+/// with its path, for tests that check a property over all of them.
+#[cfg(test)]
+pub(crate) fn broker_vector_envelopes() -> Vec<(std::path::PathBuf, Envelope)> {
+    let dir = format!("{}/tests/vectors/broker", env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("vectors directory") {
+        let path = entry.expect("directory entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("raw") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("readable vector");
+        if let Ok(env) = Envelope::parse(&bytes) {
+            out.push((path, env));
+        }
+    }
+    out
+}

@@ -64,7 +64,10 @@ pub(crate) fn accept(
         },
     );
     let span = tracing::info_span!("task", task_id = %task_id, task_name = %task_name);
-    async move {
+    // Boxed here: the state of a message's whole life is large, and moving
+    // it by value through `spawn` into the task cell was ~5 % of the
+    // parent's time on a no-op drain (memmove); a box moves one pointer.
+    Box::pin(async move {
             match decoded {
                 Ok(msg) => life(&ctx, &delivery, &tag, msg, permit).await,
                 Err(DecodeError::Refused { content_type, task_id, .. }) => {
@@ -99,7 +102,7 @@ pub(crate) fn accept(
                 ctx.inflight.remove_delivery(&tag, serial);
             }
         }
-        .instrument(span)
+        .instrument(span))
 }
 
 /// The args repr Celery shows in events and `inspect`: the producer's
