@@ -223,6 +223,9 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             if let Err(e) = ctx.backend.set_chord_size(group_id, *size).await {
                 tracing::error!(error = %e, group_id, "could not record the size of the next chord; the task fails with the error");
                 let exc = publish_error(&e, &format!("the size of chord {group_id}"));
+                // Nothing of the chord was published: its ids would stay
+                // PENDING for ever.
+                fail_step(ctx, &sig, &exc).await;
                 return fail(ctx, f, exc, None, secs).await;
             }
         }
@@ -239,6 +242,11 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
                     .unwrap_or("");
                 tracing::error!(error = %e, next = %id, "could not publish the next workflow task; the task fails with the error");
                 let exc = publish_error(&e, &format!("the next task of the workflow ({id})"));
+                // The step is incomplete (a group missing members, a chord
+                // that can never count to its size): its ids get the
+                // failure. Members already published still run and store
+                // their own results over it.
+                fail_step(ctx, &sig, &exc).await;
                 return fail(ctx, f, exc, None, secs).await;
             }
         }
@@ -313,7 +321,7 @@ async fn fail_step(ctx: &Ctx, sig: &Value, exc: &PyException) {
     for id in canvas::task_ids(sig) {
         let doc = StateDoc::new(&id, State::Failure, exc_value(exc));
         if let Err(e) = ctx.backend.store(&doc).await {
-            tracing::error!(error = %e, task_id = %id, "could not store FAILURE for a workflow step that cannot start; it stays PENDING");
+            tracing::error!(error = %e, task_id = %id, "could not store FAILURE for a workflow step that did not start; it stays PENDING");
         }
     }
 }

@@ -17,11 +17,13 @@ import gc
 import json
 import re
 import time
+import uuid
 
 import pytest
+import redis.exceptions
 from celery import chain, chord, group
 
-from test_foundation import echo_result
+from test_foundation import echo_result, queued_task_ids, wait_unacked_empty
 from tori_harness import wait_for, wait_worker_ready
 
 
@@ -290,3 +292,75 @@ def test_failed_chord_calls_its_bodys_errback(tori_worker, app):
     assert app.AsyncResult(handler_id).get(timeout=30) == echo_result(res.id, "handled")
     wait_for(lambda: app.AsyncResult(res.id).state == "FAILURE", 15,
              message="the chord body never reached FAILURE")
+
+
+def _first_of(res):
+    first = res.parent
+    while first.parent is not None:
+        first = first.parent
+    return first
+
+
+def _assert_fails_with(app, task_id: str, exc_type, match: str) -> None:
+    result = app.AsyncResult(task_id)
+    with pytest.raises(exc_type, match=match):
+        result.get(timeout=30)
+    assert result.state == "FAILURE"
+
+
+def test_chord_size_refused_fails_the_task_and_every_id_of_the_chord(worker_factory, redis_server,
+                                                                     app, redis_client):
+    """Redis refuses the record of a worker-started chord's size for good
+    (an ACL allows the worker SETEX on result keys only): the task fails
+    with ResponseError, and the chord's members and body get the same
+    failure instead of staying PENDING for ever. Nothing of the chord is
+    published."""
+    redis_client.execute_command("ACL", "SETUSER", "tori", "on", ">pw", "~*", "&*", "+@all",
+                                 "-setex", "(+setex ~celery-task-meta-*)")
+    worker_factory(redis_server.url().replace("redis://", "redis://tori:pw@", 1))
+    echo = app.signature("tori.echo")
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    members = [echo.clone(args=[10]).set(task_id=ids[0]), echo.clone(args=[20]).set(task_id=ids[1])]
+    res = chain(echo.clone(args=[1]),
+                chord(members, echo.clone().set(task_id=ids[2]))).apply_async()
+    assert res.id == ids[2]
+    _assert_fails_with(app, _first_of(res).id, redis.exceptions.ResponseError,
+                       "size of chord .*no permissions")
+    for task_id in ids:
+        _assert_fails_with(app, task_id, redis.exceptions.ResponseError, "size of chord")
+    wait_unacked_empty(redis_client)
+    assert queued_task_ids(redis_client) == []
+
+
+def test_member_refused_midway_fails_the_task_and_leaves_no_id_pending(worker_factory, redis_server,
+                                                                       app, redis_client):
+    """The second member of a group the worker starts is refused for good
+    (WRONGTYPE: its queue key holds a string), once as a ``link`` callback
+    and once as a chord header after a task. The task fails with
+    ResponseError; the member published before it still runs; the refused
+    member, and the chord body that can no longer be called, fail with
+    the error instead of staying PENDING."""
+    worker_factory(redis_server.url())
+    redis_client.set("broken", "not a list")
+    echo = app.signature("tori.echo")
+    first_value = echo_result(1)
+    ok_id, refused_id = str(uuid.uuid4()), str(uuid.uuid4())
+
+    callbacks = group(echo.clone().set(task_id=ok_id),
+                      echo.clone().set(task_id=refused_id, queue="broken"))
+    first = echo.clone(args=[1]).apply_async(link=callbacks)
+    _assert_fails_with(app, first.id, redis.exceptions.ResponseError, "WRONGTYPE")
+    assert app.AsyncResult(ok_id).get(timeout=30) == echo_result(first_value)
+    _assert_fails_with(app, refused_id, redis.exceptions.ResponseError, "WRONGTYPE")
+
+    ok_id, refused_id, body_id = (str(uuid.uuid4()) for _ in range(3))
+    header = [echo.clone(args=[10]).set(task_id=ok_id),
+              echo.clone(args=[20]).set(task_id=refused_id, queue="broken")]
+    res = chain(echo.clone(args=[1]), chord(header, echo.clone().set(task_id=body_id))).apply_async()
+    assert res.id == body_id
+    _assert_fails_with(app, _first_of(res).id, redis.exceptions.ResponseError, "WRONGTYPE")
+    assert app.AsyncResult(ok_id).get(timeout=30) == echo_result(first_value, 10)
+    _assert_fails_with(app, refused_id, redis.exceptions.ResponseError, "WRONGTYPE")
+    _assert_fails_with(app, body_id, redis.exceptions.ResponseError, "WRONGTYPE")
+    wait_unacked_empty(redis_client)
+    assert redis_client.get("broken") == "not a list"
