@@ -630,6 +630,10 @@ mod tests {
                 true,
             ),
             (
+                r#"{"body": "x", "headers": {"redelivered": true}, "properties": {"delivery_tag": "t"}}"#,
+                true,
+            ),
+            (
                 r#"{"body": "x", "headers": {"redelivered": "yes"}, "properties": {"delivery_tag": "t", "body_encoding": 7, "delivery_info": {"redelivered": true, "routing_key": "q"}}}"#,
                 true,
             ),
