@@ -516,7 +516,8 @@ fn call(
     .ok_or_else(|| CanvasError::NoTaskName(sig.to_string()))
 }
 
-fn message_id(env: &Envelope) -> &str {
+/// The task id a built task message carries (`""` if none).
+pub fn message_id(env: &Envelope) -> &str {
     env.headers()
         .get("id")
         .and_then(Value::as_str)

@@ -161,11 +161,7 @@ async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]
         }
     }
     for (published, (env, route)) in expansion.messages.iter().enumerate() {
-        let id = env
-            .headers()
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let id = canvas::message_id(env);
         match ctx
             .broker
             .publish(env, &route.exchange, &route.routing_key)
@@ -180,12 +176,9 @@ async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]
                 unsent.extend(
                     expansion.messages[published..]
                         .iter()
-                        .filter_map(|(env, _)| {
-                            env.headers()
-                                .get("id")
-                                .and_then(Value::as_str)
-                                .map(str::to_owned)
-                        }),
+                        .map(|(env, _)| canvas::message_id(env))
+                        .filter(|id| !id.is_empty())
+                        .map(str::to_owned),
                 );
                 return fail_ids(ctx, &unsent, &message).await;
             }

@@ -235,11 +235,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
                 .publish(env, &route.exchange, &route.routing_key)
                 .await
             {
-                let id = env
-                    .headers()
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
+                let id = canvas::message_id(env);
                 tracing::error!(error = %e, next = %id, "could not publish the next workflow task; the task fails with the error");
                 let exc = publish_error(&e, &format!("the next task of the workflow ({id})"));
                 // The step is incomplete (a group missing members, a chord
