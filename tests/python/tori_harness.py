@@ -442,6 +442,32 @@ def read_meta(client: redis.Redis, task_id: str) -> Optional[dict]:
     return None if raw is None else json.loads(raw)
 
 
+def result_when_ready(result, timeout: float, interval: float = 0.02):
+    """``result.get()`` once the stored state is final, found by polling.
+
+    For a result whose id the client did not subscribe to when it sent the
+    message (the last task of a chain, a chord body), ``get()`` sends
+    SUBSCRIBE on its pub/sub connection without waiting for the reply and
+    then GETs the state on another connection. Redis does not run commands
+    of different connections in the order they arrived (its level-triggered
+    epoll hands back recently served connections first), so a worker's
+    SET+PUBLISH can run after the GET and before the SUBSCRIBE: ``get()``
+    then waits for a message that was already sent. Captured on loopback
+    (tcpdump) with both the Python client and tori-worker behaving as
+    written; a Python worker fast enough would hit it too. Polling reads the
+    stored state, which is never lost, so a test that is about what the
+    worker stored is not at the mercy of that client race.
+    """
+    deadline = time.monotonic() + timeout
+    while not result.ready():
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{result.id} not ready after {timeout}s; "
+                f"stored: {result.backend.client.get(meta_key(result.id))!r}")
+        time.sleep(interval)
+    return result.get(timeout=timeout)
+
+
 def observe_states(result, timeout: float, interval: float = 0.02) -> list[str]:
     """Poll ``result.state`` until ready; return the distinct states seen in order."""
     seen: list[str] = []
