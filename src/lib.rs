@@ -19,6 +19,8 @@ pub mod pool;
 pub mod protocol;
 mod redis_batch;
 pub mod redis_link;
+#[cfg(test)]
+mod test_redis;
 pub mod worker;
 
 /// The tasks this build runs; `chaos` adds the fault-injection tasks.

@@ -29,8 +29,33 @@ const MAX_REQUESTS: usize = 256;
 /// The longest a deferred write waits for company.
 pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// Commands built by a deferred write's owner when its batch is sent.
+type Builder = Box<dyn FnOnce() -> Vec<Cmd> + Send>;
+
+/// A request's commands: fixed when submitted, or built at send time so
+/// that everything its owner gathered until then goes in one request.
+enum Cmds {
+    Ready(Vec<Cmd>),
+    Later(Builder),
+}
+
+impl Cmds {
+    fn build(&mut self) -> &[Cmd] {
+        if let Cmds::Later(_) = self {
+            let Cmds::Later(builder) = std::mem::replace(self, Cmds::Ready(Vec::new())) else {
+                unreachable!("checked above")
+            };
+            *self = Cmds::Ready(builder());
+        }
+        match self {
+            Cmds::Ready(cmds) => cmds,
+            Cmds::Later(_) => unreachable!("built above"),
+        }
+    }
+}
+
 struct Request {
-    cmds: Vec<Cmd>,
+    cmds: Cmds,
     deferred: bool,
     reply: oneshot::Sender<Result<Vec<Value>, RedisError>>,
 }
@@ -43,9 +68,11 @@ pub(crate) struct Batcher {
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request")
-            .field("cmds", &self.cmds.len())
-            .finish()
+        let cmds = match &self.cmds {
+            Cmds::Ready(cmds) => cmds.len().to_string(),
+            Cmds::Later(_) => "built when sent".to_owned(),
+        };
+        f.debug_struct("Request").field("cmds", &cmds).finish()
     }
 }
 
@@ -66,7 +93,7 @@ impl Batcher {
     /// [`Value::ServerError`] in its place, an error that retrying cannot
     /// fix ends the whole request.
     pub(crate) async fn submit(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, RedisError> {
-        self.enqueue(cmds, false).await
+        self.enqueue(Cmds::Ready(cmds), false).await
     }
 
     /// Like [`Batcher::submit`], but the commands wait up to [`LINGER`]
@@ -77,12 +104,22 @@ impl Batcher {
         &self,
         cmds: Vec<Cmd>,
     ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
-        self.enqueue(cmds, true)
+        self.enqueue(Cmds::Ready(cmds), true)
+    }
+
+    /// [`Batcher::submit_deferred`] whose commands `build` makes when the
+    /// batch goes out (never, if the loop has stopped). A caller that
+    /// gathers small writes (acks) until then sends them as one request.
+    pub(crate) fn submit_deferred_with(
+        &self,
+        build: impl FnOnce() -> Vec<Cmd> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
+        self.enqueue(Cmds::Later(Box::new(build)), true)
     }
 
     fn enqueue(
         &self,
-        cmds: Vec<Cmd>,
+        cmds: Cmds,
         deferred: bool,
     ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
@@ -167,8 +204,8 @@ enum Wake {
 async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for req in batch.iter() {
-        for cmd in &req.cmds {
+    for req in batch.iter_mut() {
+        for cmd in req.cmds.build() {
             pipe.add_command(cmd.clone());
         }
     }
@@ -181,9 +218,10 @@ async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
     match result {
         Ok(replies) => {
             let mut replies = replies.into_iter();
-            for req in batch.drain(..) {
-                let mine: Vec<Value> = replies.by_ref().take(req.cmds.len()).collect();
-                let _ = req.reply.send(if mine.len() == req.cmds.len() {
+            for mut req in batch.drain(..) {
+                let want = req.cmds.build().len();
+                let mine: Vec<Value> = replies.by_ref().take(want).collect();
+                let _ = req.reply.send(if mine.len() == want {
                     Ok(mine)
                 } else {
                     Err(RedisError::from((
@@ -204,49 +242,8 @@ async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_redis::{command_calls, redis_and_link, Server};
     use std::time::Duration;
-
-    /// A private redis-server on a free port, stopped on drop.
-    struct Server {
-        child: std::process::Child,
-        port: u16,
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn start_redis() -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/bootstrap)");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server { child, port }
-    }
-
-    /// A private server and a link to it (the server stops when dropped).
-    fn redis_and_link() -> (Server, RedisLink) {
-        let server = start_redis();
-        let url = format!("redis://127.0.0.1:{}/0", server.port);
-        let link = RedisLink::open(&url, "test", Duration::from_secs(5)).unwrap();
-        (server, link)
-    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn concurrent_callers_get_their_own_replies_and_errors() {
@@ -283,13 +280,7 @@ mod tests {
             }
         }
         // Every caller's write reached the server exactly once.
-        let mut conn = link.conn().await.unwrap();
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(info.contains("cmdstat_set:calls=200"), "{info}");
+        assert_eq!(command_calls(&link, "set").await, 200);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -321,6 +312,24 @@ mod tests {
             deferred.as_mut().now_or_never().is_some(),
             "the deferred write is still waiting after a later write was answered"
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_built_when_sent_takes_what_was_gathered_until_then() {
+        use std::sync::{Arc, Mutex};
+        let (_server, link) = redis_and_link();
+        link.batched(vec![redis::cmd("PING")]).await.unwrap();
+        let gathered = Arc::new(Mutex::new(vec![1u32]));
+        let taken = gathered.clone();
+        let write = link.batched_deferred_with(move || {
+            let values = std::mem::take(&mut *taken.lock().unwrap());
+            vec![redis::cmd("RPUSH").arg("gathered").arg(values).clone()]
+        });
+        // Gathered after the write was queued but before it went out.
+        gathered.lock().unwrap().extend([2, 3]);
+        let replies = write.await.unwrap();
+        assert_eq!(replies, vec![Value::Int(3)]);
+        assert!(gathered.lock().unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -159,6 +159,16 @@ impl RedisLink {
         self.batcher().submit_deferred(cmds)
     }
 
+    /// [`RedisLink::batched_deferred`] whose commands `build` makes when
+    /// the batch is sent, so its owner can fold everything it gathered
+    /// until then into one request.
+    pub fn batched_deferred_with(
+        &self,
+        build: impl FnOnce() -> Vec<Cmd> + Send + 'static,
+    ) -> impl Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
+        self.batcher().submit_deferred_with(build)
+    }
+
     fn batcher(&self) -> &crate::redis_batch::Batcher {
         self.inner
             .batcher
