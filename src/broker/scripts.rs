@@ -17,7 +17,7 @@ use redis::Script;
 ///
 /// KEYS: unacked, unacked_index, dead_letter, then the queue lists
 /// step-major (see `keys::consume_keys`).
-/// ARGV: now, max, number of queues, worker name, preset message, preset
+/// ARGV: now (the lease score, `lease_score`), max, number of queues, worker name, preset message, preset
 /// list index (1-based).
 /// Returns a flat array of (queue index 1-based, message, 1 reserved |
 /// 0 dead-lettered, delivery tag or '', exchange, routing key) — the tag,
