@@ -32,30 +32,11 @@ pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_millis(
 /// Commands built by a deferred write's owner when its batch is sent.
 type Builder = Box<dyn FnOnce() -> Vec<Cmd> + Send>;
 
-/// A request's commands: fixed when submitted, or built at send time so
-/// that everything its owner gathered until then goes in one request.
-enum Cmds {
-    Ready(Vec<Cmd>),
-    Later(Builder),
-}
-
-impl Cmds {
-    fn build(&mut self) -> &[Cmd] {
-        if let Cmds::Later(_) = self {
-            let Cmds::Later(builder) = std::mem::replace(self, Cmds::Ready(Vec::new())) else {
-                unreachable!("checked above")
-            };
-            *self = Cmds::Ready(builder());
-        }
-        match self {
-            Cmds::Ready(cmds) => cmds,
-            Cmds::Later(_) => unreachable!("built above"),
-        }
-    }
-}
-
 struct Request {
-    cmds: Cmds,
+    cmds: Vec<Cmd>,
+    /// Makes `cmds` when the batch is sent, so that everything its owner
+    /// gathered until then goes in this one request.
+    build: Option<Builder>,
     deferred: bool,
     reply: oneshot::Sender<Result<Vec<Value>, RedisError>>,
 }
@@ -68,11 +49,10 @@ pub(crate) struct Batcher {
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let cmds = match &self.cmds {
-            Cmds::Ready(cmds) => cmds.len().to_string(),
-            Cmds::Later(_) => "built when sent".to_owned(),
-        };
-        f.debug_struct("Request").field("cmds", &cmds).finish()
+        f.debug_struct("Request")
+            .field("cmds", &self.cmds.len())
+            .field("built_when_sent", &self.build.is_some())
+            .finish()
     }
 }
 
@@ -93,7 +73,7 @@ impl Batcher {
     /// [`Value::ServerError`] in its place, an error that retrying cannot
     /// fix ends the whole request.
     pub(crate) async fn submit(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, RedisError> {
-        self.enqueue(Cmds::Ready(cmds), false).await
+        self.enqueue(cmds, None, false).await
     }
 
     /// Like [`Batcher::submit`], but the commands wait up to [`LINGER`]
@@ -104,7 +84,7 @@ impl Batcher {
         &self,
         cmds: Vec<Cmd>,
     ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
-        self.enqueue(Cmds::Ready(cmds), true)
+        self.enqueue(cmds, None, true)
     }
 
     /// [`Batcher::submit_deferred`] whose commands `build` makes when the
@@ -114,12 +94,13 @@ impl Batcher {
         &self,
         build: impl FnOnce() -> Vec<Cmd> + Send + 'static,
     ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
-        self.enqueue(Cmds::Later(Box::new(build)), true)
+        self.enqueue(Vec::new(), Some(Box::new(build)), true)
     }
 
     fn enqueue(
         &self,
-        cmds: Cmds,
+        cmds: Vec<Cmd>,
+        build: Option<Builder>,
         deferred: bool,
     ) -> impl std::future::Future<Output = Result<Vec<Value>, RedisError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
@@ -127,6 +108,7 @@ impl Batcher {
             .tx
             .send(Request {
                 cmds,
+                build,
                 deferred,
                 reply,
             })
@@ -205,7 +187,10 @@ async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for req in batch.iter_mut() {
-        for cmd in req.cmds.build() {
+        if let Some(build) = req.build.take() {
+            req.cmds = build();
+        }
+        for cmd in &req.cmds {
             pipe.add_command(cmd.clone());
         }
     }
@@ -218,10 +203,9 @@ async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
     match result {
         Ok(replies) => {
             let mut replies = replies.into_iter();
-            for mut req in batch.drain(..) {
-                let want = req.cmds.build().len();
-                let mine: Vec<Value> = replies.by_ref().take(want).collect();
-                let _ = req.reply.send(if mine.len() == want {
+            for req in batch.drain(..) {
+                let mine: Vec<Value> = replies.by_ref().take(req.cmds.len()).collect();
+                let _ = req.reply.send(if mine.len() == req.cmds.len() {
                     Ok(mine)
                 } else {
                     Err(RedisError::from((

@@ -458,13 +458,9 @@ def result_when_ready(result, timeout: float, interval: float = 0.02):
     stored state, which is never lost, so a test that is about what the
     worker stored is not at the mercy of that client race.
     """
-    deadline = time.monotonic() + timeout
-    while not result.ready():
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"{result.id} not ready after {timeout}s; "
-                f"stored: {result.backend.client.get(meta_key(result.id))!r}")
-        time.sleep(interval)
+    wait_for(result.ready, timeout, interval,
+             message=lambda: f"{result.id} not ready; stored: "
+                             f"{result.backend.client.get(meta_key(result.id))!r}")
     return result.get(timeout=timeout)
 
 
