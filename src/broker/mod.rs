@@ -801,11 +801,8 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn early_acks_queued_together_share_one_transaction() {
-        let (_server, link) = redis_and_link();
-        let keys = Keys::new("", "tori.dead_letter");
-        let broker = Broker::new(
+    fn test_broker(link: &RedisLink, keys: &Keys) -> Broker {
+        Broker::new(
             link.clone(),
             link.clone(),
             BrokerConfig {
@@ -814,7 +811,55 @@ mod tests {
                 visibility_timeout: Duration::from_secs(3600),
                 worker_name: "test@host".into(),
             },
+        )
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lease_is_scored_in_whole_seconds_never_behind_the_clock() {
+        let (_server, link) = redis_and_link();
+        let keys = Keys::new("", "tori.dead_letter");
+        let broker = test_broker(&link, &keys);
+        let raw = std::fs::read_to_string(format!(
+            "{}/tests/vectors/broker/task_delay_add_2_3.raw",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let mut conn = link.conn().await.unwrap();
+        let _: () = redis::cmd("LPUSH")
+            .arg("celery")
+            .arg(raw.trim_end())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let before = now_epoch();
+        let mut order = vec!["celery".to_owned()];
+        let got = broker
+            .fetch(&mut order, 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let Some(Fetched::Message(delivery)) = got.first() else {
+            panic!("no message reserved: {got:?}");
+        };
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg(&keys.unacked_index)
+            .arg(delivery.envelope.delivery_tag())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Never older than the reservation (a sweep must not restore it
+        // early), at most a second newer, and whole.
+        assert_eq!(score.fract(), 0.0, "{score}");
+        assert!(
+            score >= before && score < before + 2.0,
+            "{score} vs {before}"
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn early_acks_queued_together_share_one_transaction() {
+        let (_server, link) = redis_and_link();
+        let keys = Keys::new("", "tori.dead_letter");
+        let broker = test_broker(&link, &keys);
         let tags: Vec<String> = (0..5).map(|i| format!("tag-{i}")).collect();
         record_unacked(&link, &keys, &tags).await;
         let acks: Vec<_> = tags.iter().map(|t| broker.ack_deferred(t)).collect();
