@@ -186,20 +186,46 @@ impl ResultBackend {
         Ok(doc.and_then(|mut v| v.get_mut("result").map(Value::take)))
     }
 
+    /// Saves a chord header's shape (`GroupResult.as_tuple()`) where the
+    /// header's last member to finish reads it ([`Self::saved_group`]), as
+    /// Celery's `apply_chord` does for a worker that starts a chord whose
+    /// member ends in a group. Written as Python's `json.dumps` writes it.
+    pub async fn save_group(&self, group_id: &str, shape: &Value) -> Result<(), RedisError> {
+        let key = self.chord_key(group_id, "");
+        let doc = crate::protocol::pyjson::to_string(&serde_json::json!({"result": shape}));
+        let ttl = self.chord_ttl();
+        self.link
+            .retry("save chord header", |mut c| {
+                let cmd = redis::cmd("SETEX").arg(&key).arg(ttl).arg(&doc).clone();
+                async move { cmd.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+
+    fn chord_ttl(&self) -> u64 {
+        self.expires
+            .map_or(CHORD_EXPIRES_SECS, |d| d.as_secs().max(1))
+    }
+
     /// Records how many header results a chord waits for (`<gid>.s`, what
     /// Celery's `set_chord_size` writes). A client writes it for the chords
     /// it starts; a worker writes it for a chord that follows a task in a
-    /// chain. Retried while Redis is away: without it the chord never
-    /// completes.
+    /// chain. Like Celery it first forgets a finished run's "done" mark
+    /// (`.c`): a frozen chord started again reuses its group id. Retried
+    /// while Redis is away: without it the chord never completes.
     pub async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), RedisError> {
         let key = self.chord_key(group_id, ".s");
-        let ttl = self
-            .expires
-            .map_or(CHORD_EXPIRES_SECS, |d| d.as_secs().max(1));
+        let claim = self.chord_key(group_id, ".c");
+        let ttl = self.chord_ttl();
         self.link
             .retry("record chord size", |mut c| {
-                let cmd = redis::cmd("SETEX").arg(&key).arg(ttl).arg(size).clone();
-                async move { cmd.query_async::<()>(&mut c).await }
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .del(&claim)
+                    .ignore()
+                    .set_ex(&key, size, ttl)
+                    .ignore();
+                async move { pipe.query_async::<()>(&mut c).await }
             })
             .await
     }
@@ -243,6 +269,45 @@ fn parse_member(raw: &str) -> Result<ChordMember, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_redis::redis_and_link;
+
+    #[tokio::test]
+    async fn a_saved_header_reads_back_and_a_new_size_forgets_the_last_run() {
+        let (_server, link) = redis_and_link();
+        let backend = ResultBackend::new(link.clone(), "", None);
+        let shape = serde_json::json!([
+            ["g", null],
+            [[["c", [["b", null], null]], [[["d", null], null]]]]
+        ]);
+        backend.save_group("g", &shape).await.unwrap();
+        assert_eq!(backend.saved_group("g").await.unwrap(), Some(shape));
+        let mut conn = link.conn().await.unwrap();
+        let raw: String = redis::cmd("GET")
+            .arg("celery-taskset-meta-g")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // As Python's json.dumps writes it, which Celery's GroupResult.restore reads.
+        assert_eq!(
+            raw,
+            r#"{"result": [["g", null], [[["c", [["b", null], null]], [[["d", null], null]]]]]}"#
+        );
+
+        let _: () = redis::cmd("SET")
+            .arg("celery-taskset-meta-g.c")
+            .arg("done")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        backend.set_chord_size("g", 3).await.unwrap();
+        let (size, done): (Option<String>, Option<String>) = redis::pipe()
+            .get("celery-taskset-meta-g.s")
+            .get("celery-taskset-meta-g.c")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!((size.as_deref(), done), (Some("3"), None));
+    }
 
     #[test]
     fn members_parse_as_celery_writes_them() {

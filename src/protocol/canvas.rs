@@ -15,9 +15,15 @@
 //! the `children` entry of the finished task). Pure data like the rest of
 //! `protocol`: the caller records the chord size, then publishes.
 //!
-//! Not expanded (the caller fails the step with [`CanvasError`]): a chord
-//! inside a group or a chord header reached this way, or a group or chord
-//! inside a chain inside one.
+//! Nested shapes are started as Celery starts them: a chord that is a
+//! member of a group or of a chord header (its body takes the member's
+//! place), and a chain member whose last link is a group or a chord (the
+//! last link is frozen into the outer group, the first task carries it).
+//! Not expanded (the caller fails the step with [`CanvasError`]): a chain
+//! or chord inside a group that ends such a chain, or inside the header
+//! of a chord that does (three levels deep), and a group or chord followed
+//! by more links inside such a chain (the client already rewrites
+//! `group | task` into a chord).
 
 use serde_json::{json, Map, Value};
 use thiserror::Error;
@@ -44,9 +50,14 @@ pub struct Origin<'a> {
 pub struct Expansion {
     /// In publishing order.
     pub messages: Vec<(Envelope, Route)>,
-    /// A chord's group id and size, to record before any header member is
-    /// published (its last member to finish compares against it).
-    pub chord_size: Option<(String, usize)>,
+    /// Each chord's group id and size (a nested chord has its own), to
+    /// record before any header member is published (its last member to
+    /// finish compares against it).
+    pub chord_sizes: Vec<(String, usize)>,
+    /// Chord headers to save as `GroupResult.as_tuple()` before publishing
+    /// (Celery's `apply_chord`): only those where a member's result is
+    /// itself a group, so that the body gets nested lists.
+    pub saved_groups: Vec<(String, Value)>,
     /// The finished task's `children` entry for this step.
     pub child: Value,
 }
@@ -57,9 +68,17 @@ impl Expansion {
         let child = child_ref(message_id(&env));
         Self {
             messages: vec![(env, route)],
-            chord_size: None,
+            chord_sizes: Vec::new(),
+            saved_groups: Vec::new(),
             child,
         }
+    }
+
+    /// Takes in what a nested step needs published and recorded.
+    fn absorb(&mut self, inner: Expansion) {
+        self.messages.extend(inner.messages);
+        self.chord_sizes.extend(inner.chord_sizes);
+        self.saved_groups.extend(inner.saved_groups);
     }
 }
 
@@ -154,20 +173,18 @@ fn expand_group(
             )
         })
         .collect();
-    let mut messages = Vec::new();
+    let mut out = Expansion::default();
     let mut children = Vec::new();
+    let prefix = std::slice::from_ref(from.result);
     for (index, member) in members(sig, "group")? {
-        if kind(member) == Kind::Chain {
-            let (message, child) = chain_member(
-                member,
-                index,
-                &group_id,
-                None,
-                std::slice::from_ref(from.result),
-                from,
-            )?;
-            messages.push(message);
-            children.push(child);
+        let place = Place {
+            index,
+            group_id: &group_id,
+            outer_body: None,
+        };
+        if let Some(nested) = start_nested(member, &place, rest.as_deref(), prefix, from)? {
+            children.push(nested.child.clone());
+            out.absorb(nested);
             continue;
         }
         let mut member = member.clone();
@@ -182,13 +199,43 @@ fn expand_group(
         opts.insert("group_index".into(), json!(index));
         let (env, route) = call(&member, Some(from.result), rest.clone(), from)?;
         children.push(child_ref(message_id(&env)));
-        messages.push((env, route));
+        out.messages.push((env, route));
     }
-    Ok(Expansion {
-        messages,
-        chord_size: None,
-        child: json!([[group_id, null], children]),
-    })
+    out.child = json!([[group_id, null], children]);
+    Ok(out)
+}
+
+/// A chord's body, which every chord needs.
+fn chord_body(sig: &Value) -> Result<Value, CanvasError> {
+    sig.get("kwargs")
+        .and_then(|k| k.get("body"))
+        .filter(|b| b.is_object())
+        .cloned()
+        .ok_or_else(|| CanvasError::Unsupported(format!("a chord without a body: {sig}")))
+}
+
+fn chord_header(sig: &Value) -> Value {
+    sig.get("kwargs")
+        .and_then(|k| k.get("header"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The chord's own args after `prefix` (the parent's result), unless the
+/// chord is immutable: what goes before each header member's args.
+fn chord_partial(sig: &Value, prefix: &[Value]) -> Vec<Value> {
+    let mut partial: Vec<Value> = if immutable(sig) {
+        Vec::new()
+    } else {
+        prefix.to_vec()
+    };
+    partial.extend(
+        sig.get("args")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+    );
+    partial
 }
 
 /// `chord.apply_async((retval,), chain=rest, …)`: the body is frozen with
@@ -200,28 +247,12 @@ fn expand_chord(
     rest: Option<Vec<Value>>,
     from: &Origin<'_>,
 ) -> Result<Expansion, CanvasError> {
-    let kwargs = sig.get("kwargs").cloned().unwrap_or(Value::Null);
-    let header = kwargs.get("header").cloned().unwrap_or(Value::Null);
-    let mut body = kwargs
-        .get("body")
-        .filter(|b| b.is_object())
-        .cloned()
-        .ok_or_else(|| CanvasError::Unsupported(format!("a chord without a body: {sig}")))?;
+    let header = chord_header(sig);
+    let mut body = chord_body(sig)?;
     let group_id = option_str(&header, "task_id")
         .or_else(|| option_str(sig, "task_id"))
         .map_or_else(new_id, str::to_owned);
-    // The chord's own args follow the parent's result; both go before
-    // each header member's args.
-    let mut partial: Vec<Value> = Vec::new();
-    if !immutable(sig) {
-        partial.push(from.result.clone());
-    }
-    partial.extend(
-        sig.get("args")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
-    );
+    let partial = chord_partial(sig, std::slice::from_ref(from.result));
 
     let body_kind = kind(&body);
     {
@@ -257,39 +288,206 @@ fn expand_chord(
         }
     }
 
-    let header_members: Vec<(usize, &Value)> = if header.is_array() {
-        flatten(header.as_array().map(Vec::as_slice).unwrap_or_default())?
-    } else {
-        members(&header, "chord header")?
-    };
+    let header_members = header_members(&header)?;
     if header_members.is_empty() {
         return call(&body, Some(&json!([])), None, from).map(Expansion::single);
     }
-    let mut messages = Vec::new();
+    let (mut out, children) = start_header(&header_members, &body, &group_id, &partial, from)?;
+    out.child = json!([[group_id, null], children]);
+    Ok(out)
+}
+
+/// A chord header's members (a group's, or a plain list's), nested groups
+/// unrolled.
+fn header_members(header: &Value) -> Result<Vec<(usize, &Value)>, CanvasError> {
+    match header {
+        Value::Array(list) => flatten(list),
+        other => members(other, "chord header"),
+    }
+}
+
+/// Publishes a chord's header members with `body` under `group_id`, after
+/// `partial`, as Celery's `_chord.run` applies the header: records the
+/// chord's size (what its members add up to, Celery's `_chord._descend`:
+/// a chain counts by its last link, a nested chord by its body, a group by
+/// its members) and, when a member's result is itself a group, the
+/// header's shape. Returns the members' `children` entries beside.
+fn start_header(
+    header_members: &[(usize, &Value)],
+    body: &Value,
+    group_id: &str,
+    partial: &[Value],
+    from: &Origin<'_>,
+) -> Result<(Expansion, Vec<Value>), CanvasError> {
+    let mut out = Expansion::default();
     let mut children = Vec::new();
-    for (index, member) in &header_members {
-        if kind(member) == Kind::Chain {
-            let (message, child) =
-                chain_member(member, *index, &group_id, Some(&body), &partial, from)?;
-            messages.push(message);
-            children.push(child);
+    let mut size = 0;
+    for (index, member) in header_members {
+        size += completions(member);
+        let place = Place {
+            index: *index,
+            group_id,
+            outer_body: Some(body),
+        };
+        if let Some(nested) = start_nested(member, &place, None, partial, from)? {
+            children.push(nested.child.clone());
+            out.absorb(nested);
             continue;
         }
         let mut member = (*member).clone();
-        prepend_args(&mut member, &partial);
+        prepend_args(&mut member, partial);
         let opts = options_mut(&mut member);
         opts.entry("group_id").or_insert_with(|| json!(group_id));
         opts.insert("group_index".into(), json!(index));
         opts.insert("chord".into(), body.clone());
         let (env, route) = call(&member, None, None, from)?;
         children.push(child_ref(message_id(&env)));
-        messages.push((env, route));
+        out.messages.push((env, route));
     }
-    Ok(Expansion {
-        messages,
-        chord_size: Some((group_id.clone(), header_members.len())),
-        child: json!([[group_id, null], children]),
+    // Celery's `apply_chord` saves the header only when it is "complex".
+    if children.iter().any(is_group_result) {
+        out.saved_groups
+            .push((group_id.to_owned(), json!([[group_id, null], children])));
+    }
+    out.chord_sizes.push((group_id.to_owned(), size));
+    Ok((out, children))
+}
+
+/// Where a nested member stands: its place in the outer group and the
+/// outer chord's body, if the group is a chord header.
+struct Place<'a> {
+    index: usize,
+    group_id: &'a str,
+    outer_body: Option<&'a Value>,
+}
+
+/// Starts a member that is a chain or a chord ([`chain_member`],
+/// [`chord_member`]); `None` for a task, which the caller publishes.
+fn start_nested(
+    member: &Value,
+    place: &Place<'_>,
+    chain: Option<&[Value]>,
+    prefix: &[Value],
+    from: &Origin<'_>,
+) -> Result<Option<Expansion>, CanvasError> {
+    let Place {
+        index,
+        group_id,
+        outer_body,
+    } = *place;
+    Ok(match kind(member) {
+        Kind::Chain => Some(chain_member(
+            member, index, group_id, outer_body, prefix, from,
+        )?),
+        Kind::Chord => Some(chord_member(
+            member, index, group_id, outer_body, chain, prefix, from,
+        )?),
+        _ => None,
     })
+}
+
+/// `GroupResult.as_tuple()` has a list of results where an `AsyncResult`'s
+/// has `null`.
+fn is_group_result(tuple: &Value) -> bool {
+    tuple.get(1).is_some_and(Value::is_array)
+}
+
+/// How many header completions a member stands for (Celery's
+/// `_chord._descend`).
+fn completions(sig: &Value) -> usize {
+    let tasks = || {
+        sig.get("kwargs")
+            .and_then(|k| k.get("tasks"))
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    };
+    match kind(sig) {
+        Kind::Task => 1,
+        Kind::Group => tasks().iter().map(completions).sum(),
+        Kind::Chain => tasks()
+            .iter()
+            .rev()
+            .map(completions)
+            .find(|n| *n > 0)
+            .unwrap_or(0),
+        Kind::Chord => sig
+            .get("kwargs")
+            .and_then(|k| k.get("body"))
+            .filter(|b| b.is_object())
+            .map_or(0, completions),
+    }
+}
+
+/// A chord as a member of a group or of a chord header, started as
+/// Celery's group starts it (`chord.apply_async(partial,
+/// add_to_parent=False, chord=<the outer chord's body>, **group options)`):
+/// its body takes the member's place in the outer group (the outer group
+/// id and index, and the outer body to call in turn), and its header runs
+/// under the chord's own group id with that body. `chain` is the rest of
+/// the workflow where the group passes one on (a chain step, not a
+/// callback or a chord header).
+fn chord_member(
+    chord: &Value,
+    index: usize,
+    group_id: &str,
+    outer_body: Option<&Value>,
+    chain: Option<&[Value]>,
+    prefix: &[Value],
+    from: &Origin<'_>,
+) -> Result<Expansion, CanvasError> {
+    let header = chord_header(chord);
+    let mut body = chord_body(chord)?;
+    let inner_id = option_str(&header, "task_id")
+        .or_else(|| option_str(chord, "task_id"))
+        .map_or_else(new_id, str::to_owned);
+    freeze_in_place(&mut body, index, group_id, outer_body, from);
+    {
+        // The group's apply options reach the body through the chord.
+        let opts = options_mut(&mut body);
+        opts.insert("add_to_parent".into(), json!(false));
+        opts.insert("chord".into(), outer_body.cloned().unwrap_or(Value::Null));
+        if let Some(chain) = chain {
+            opts.insert("chain".into(), Value::Array(chain.to_vec()));
+        }
+        opts.entry("priority").or_insert(Value::Null);
+        opts.insert("group_id".into(), json!(group_id));
+    }
+    let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
+    let partial = chord_partial(chord, prefix);
+    let header_members = header_members(&header)?;
+    if header_members.is_empty() {
+        // `body.delay([])`.
+        let mut out = Expansion::single(call(&body, Some(&json!([])), None, from)?);
+        out.child = json!([[body_id, [[inner_id, null], []]], null]);
+        return Ok(out);
+    }
+    let (mut out, children) = start_header(&header_members, &body, &inner_id, &partial, from)?;
+    out.child = json!([[body_id, [[inner_id, null], children]], null]);
+    Ok(out)
+}
+
+/// A nested chord's body frozen into the outer group in the chord's place
+/// (Celery's `chord.freeze(group_id=, chord=, root_id=, group_index=)`
+/// freezes the body so): the outer group id unless it has one, the
+/// place, and the outer chord's body to call in turn.
+fn freeze_in_place(
+    body: &mut Value,
+    index: usize,
+    group_id: &str,
+    outer_body: Option<&Value>,
+    from: &Origin<'_>,
+) {
+    let opts = options_mut(body);
+    opts.entry("task_id").or_insert_with(|| json!(new_id()));
+    opts.insert("root_id".into(), json!(from.root_id));
+    opts.entry("reply_to")
+        .or_insert_with(|| json!(super::outgoing::worker_oid()));
+    opts.entry("group_id").or_insert_with(|| json!(group_id));
+    if let Some(outer) = outer_body {
+        opts.insert("chord".into(), outer.clone());
+    }
+    opts.insert("group_index".into(), json!(index));
 }
 
 /// A chord that is another chord's body, frozen as Celery's
@@ -324,11 +522,12 @@ fn freeze_chord_body(chord: &mut Value, group_id: &str, root_id: &str) {
 /// A chain as a member of a group or chord header (`group(b | c, d)`),
 /// as Celery's `chain.run` starts it with a group id: the first task gets
 /// `prefix` before its own args and is published now, carrying the others
-/// (frozen) as its chain; the *last* task stands for the member, so it
+/// (frozen) as its chain; the *last* link stands for the member, so it
 /// alone carries the group id, the place in the group and the chord body,
-/// and its result is the one that counts. Returns the message and the
-/// member's `children` entry (the last task, its parents back to the
-/// first).
+/// and its result is the one that counts. The last link may be a group
+/// (its members join the outer group) or a chord (its body does). Returns
+/// the message with the member's `children` entry (the last link, its
+/// parents back to the first task).
 fn chain_member(
     chain: &Value,
     index: usize,
@@ -336,54 +535,269 @@ fn chain_member(
     chord: Option<&Value>,
     prefix: &[Value],
     from: &Origin<'_>,
-) -> Result<((Envelope, Route), Value), CanvasError> {
+) -> Result<Expansion, CanvasError> {
     let mut tasks = chain
         .get("kwargs")
         .and_then(|k| k.get("tasks"))
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    if tasks.is_empty() {
+    let Some(last) = tasks.len().checked_sub(1) else {
         return Err(CanvasError::Unsupported(
             "an empty chain inside a group or chord header".into(),
         ));
-    }
-    if let Some(other) = tasks.iter().map(kind).find(|k| *k != Kind::Task) {
+    };
+    if last == 0 && kind(&tasks[0]) != Kind::Task {
         return Err(CanvasError::Unsupported(format!(
-            "a {} inside a chain inside a group or chord header",
+            "a chain of one {} inside a group or chord header",
+            kind_name(kind(&tasks[0]))
+        )));
+    }
+    if let Some(other) = tasks[..last].iter().map(kind).find(|k| *k != Kind::Task) {
+        return Err(CanvasError::Unsupported(format!(
+            "a {} followed by more links in a chain inside a group or chord header",
             kind_name(other)
         )));
     }
-    let last = tasks.len() - 1;
-    for (i, task) in tasks.iter_mut().enumerate() {
-        if i > 0 {
+    for task in tasks.iter_mut().take(last).skip(1) {
+        let opts = options_mut(task);
+        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        opts.entry("reply_to")
+            .or_insert_with(|| json!(super::outgoing::worker_oid()));
+        opts.insert("root_id".into(), json!(from.root_id));
+    }
+    let last_kind = kind(&tasks[last]);
+    let tail = match last_kind {
+        Kind::Group => freeze_group_link(&mut tasks[last], index, group_id, chord, from)?,
+        Kind::Chord => freeze_chord_link(&mut tasks[last], index, group_id, chord, from)?,
+        _ => {
+            let task = &mut tasks[last];
             let opts = options_mut(task);
-            opts.entry("task_id").or_insert_with(|| json!(new_id()));
-            opts.entry("reply_to")
-                .or_insert_with(|| json!(super::outgoing::worker_oid()));
-        }
-        if i == last {
-            let opts = options_mut(task);
+            if last > 0 {
+                opts.entry("task_id").or_insert_with(|| json!(new_id()));
+                opts.entry("reply_to")
+                    .or_insert_with(|| json!(super::outgoing::worker_oid()));
+            }
             opts.insert("group_index".into(), json!(index));
             opts.insert("root_id".into(), json!(from.root_id));
             opts.entry("group_id").or_insert_with(|| json!(group_id));
             if let Some(body) = chord {
                 opts.insert("chord".into(), body.clone());
             }
-        } else if i > 0 {
-            options_mut(task).insert("root_id".into(), json!(from.root_id));
+            Tail::Task
         }
-    }
+    };
     let mut first = tasks[0].clone();
     prepend_args(&mut first, prefix);
     let rest: Vec<Value> = tasks[1..].iter().rev().cloned().collect();
     let message = call(&first, None, Some(rest), from)?;
-    let mut child = child_ref(message_id(&message.0));
-    for task in &tasks[1..] {
+    // The links' results, each the parent of the next.
+    let mut parent = child_ref(message_id(&message.0));
+    for task in &tasks[1..last] {
         let id = option_str(task, "task_id").unwrap_or_default();
-        child = json!([[id, child], null]);
+        parent = json!([[id, parent], null]);
     }
-    Ok((message, child))
+    let child = match tail {
+        Tail::Task if last == 0 => parent,
+        Tail::Task => json!([[option_str(&tasks[last], "task_id"), parent], null]),
+        Tail::Group { id, members } => json!([[id, parent], members]),
+        Tail::Chord {
+            body_id,
+            header_id,
+            members,
+        } => json!([[body_id, [[header_id, parent], members]], null]),
+    };
+    let mut out = Expansion::single(message);
+    out.child = child;
+    Ok(out)
+}
+
+/// What the last link of a chain member stands for in its `children`
+/// entry.
+enum Tail {
+    Task,
+    Group {
+        id: String,
+        members: Vec<Value>,
+    },
+    Chord {
+        body_id: String,
+        header_id: String,
+        members: Vec<Value>,
+    },
+}
+
+/// A group as the last link of a chain member, frozen as Celery's
+/// `group.freeze(group_id=, chord=, group_index=, root_id=)` freezes it:
+/// its members (nested groups unrolled, numbered anew) join the *outer*
+/// group and carry the outer chord's body.
+fn freeze_group_link(
+    group: &mut Value,
+    index: usize,
+    group_id: &str,
+    chord: Option<&Value>,
+    from: &Origin<'_>,
+) -> Result<Tail, CanvasError> {
+    let (own_id, root, parent) = {
+        let opts = options_mut(group);
+        let own_id = opts
+            .entry("task_id")
+            .or_insert_with(|| json!(new_id()))
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        opts.insert("group_id".into(), json!(group_id));
+        if let Some(body) = chord {
+            opts.insert("chord".into(), body.clone());
+        }
+        opts.insert("group_index".into(), json!(index));
+        let root = opts
+            .entry("root_id")
+            .or_insert_with(|| json!(from.root_id))
+            .clone();
+        let parent = opts.entry("parent_id").or_insert(Value::Null).clone();
+        (own_id, root, parent)
+    };
+    let mut frozen = Vec::new();
+    let mut stack: std::collections::VecDeque<Value> = group
+        .get("kwargs")
+        .and_then(|k| k.get("tasks"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .into();
+    while let Some(mut task) = stack.pop_front() {
+        match kind(&task) {
+            Kind::Group => {
+                let inner = task
+                    .get("kwargs")
+                    .and_then(|k| k.get("tasks"))
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                for t in inner.into_iter().rev() {
+                    stack.push_front(t);
+                }
+            }
+            Kind::Task => {
+                let opts = options_mut(&mut task);
+                opts.entry("task_id").or_insert_with(|| json!(new_id()));
+                if truthy(&root) {
+                    opts.insert("root_id".into(), root.clone());
+                }
+                if truthy(&parent) {
+                    opts.insert("parent_id".into(), parent.clone());
+                }
+                opts.entry("reply_to")
+                    .or_insert_with(|| json!(super::outgoing::worker_oid()));
+                opts.entry("group_id").or_insert_with(|| json!(group_id));
+                if let Some(body) = chord {
+                    opts.insert("chord".into(), body.clone());
+                }
+                opts.insert("group_index".into(), json!(frozen.len()));
+                frozen.push(task);
+            }
+            other => {
+                return Err(CanvasError::Unsupported(format!(
+                    "a {} inside a group that ends a chain inside a group or chord header",
+                    kind_name(other)
+                )))
+            }
+        }
+    }
+    let members = frozen
+        .iter()
+        .map(|t| child_ref(option_str(t, "task_id").unwrap_or_default()))
+        .collect();
+    if let Some(kwargs) = group.get_mut("kwargs").and_then(Value::as_object_mut) {
+        kwargs.insert("tasks".into(), Value::Array(frozen));
+    }
+    Ok(Tail::Group {
+        id: own_id,
+        members,
+    })
+}
+
+/// A chord as the last link of a chain member, frozen as a Celery 5.7
+/// worker sends it on (`chord.freeze(group_id=, chord=, root_id=,
+/// group_index=)` on a clone): its header and the header's members with
+/// the root id, its body in the outer group's place. It starts when the
+/// link before it finishes, and gives its header the body then.
+fn freeze_chord_link(
+    chord: &mut Value,
+    index: usize,
+    group_id: &str,
+    outer_body: Option<&Value>,
+    from: &Origin<'_>,
+) -> Result<Tail, CanvasError> {
+    let mut body = chord_body(chord)?;
+    freeze_in_place(&mut body, index, group_id, outer_body, from);
+    let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
+    let mut header = chord_header(chord);
+    if !header.is_object() || kind(&header) != Kind::Group {
+        return Err(CanvasError::Unsupported(
+            "a chord whose header is not a group at the end of a chain inside a group or chord header"
+                .into(),
+        ));
+    }
+    let header_id = {
+        let opts = options_mut(&mut header);
+        let header_id = opts
+            .entry("task_id")
+            .or_insert_with(|| json!(new_id()))
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        opts.insert("root_id".into(), json!(from.root_id));
+        opts.entry("parent_id").or_insert(Value::Null);
+        header_id
+    };
+    let mut members = Vec::new();
+    if let Some(tasks) = header
+        .get_mut("kwargs")
+        .and_then(|k| k.get_mut("tasks"))
+        .and_then(Value::as_array_mut)
+    {
+        for (n, task) in tasks.iter_mut().enumerate() {
+            if kind(task) != Kind::Task {
+                return Err(CanvasError::Unsupported(format!(
+                    "a {} inside the header of a chord that ends a chain inside a group or chord header",
+                    kind_name(kind(task))
+                )));
+            }
+            let opts = options_mut(task);
+            opts.entry("task_id").or_insert_with(|| json!(new_id()));
+            opts.entry("reply_to")
+                .or_insert_with(|| json!(super::outgoing::worker_oid()));
+            opts.entry("group_index").or_insert_with(|| json!(n));
+            opts.insert("root_id".into(), json!(from.root_id));
+            members.push(child_ref(option_str(task, "task_id").unwrap_or_default()));
+        }
+    }
+    options_mut(chord).insert("task_id".into(), json!(header_id));
+    // Celery freezes the header wrapped in a new group (the serialized
+    // header is a dict, not a `group`), so the result it lists for the
+    // header has an id of its own that nothing else names.
+    let header_id = new_id();
+    if let Some(kwargs) = chord.get_mut("kwargs").and_then(Value::as_object_mut) {
+        kwargs.insert("header".into(), header);
+        kwargs.insert("body".into(), body);
+    }
+    Ok(Tail::Chord {
+        body_id,
+        header_id,
+        members,
+    })
+}
+
+/// Python's truth of an option value (`if root_id:`).
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Bool(b) => *b,
+        _ => true,
+    }
 }
 
 /// A chain as a callback: its first task gets the result and carries the
@@ -400,11 +814,7 @@ fn expand_chain(
         .cloned()
         .unwrap_or_default();
     let Some((first, others)) = tasks.split_first() else {
-        return Ok(Expansion {
-            messages: Vec::new(),
-            chord_size: None,
-            child: Value::Null,
-        });
+        return Ok(Expansion::default());
     };
     // Frozen as Celery's `chain.run` freezes them: each later task gets
     // its id now, so the first one carries the whole workflow.
@@ -456,24 +866,26 @@ fn members<'a>(group: &'a Value, what: &str) -> Result<Vec<(usize, &'a Value)>, 
 }
 
 /// Nested groups unrolled in place, each member numbered by its place in
-/// its own list (Celery's `group._prepared`); tasks and chains are
-/// members, a chord inside is refused.
+/// its own list (Celery's `group._prepared`); an empty chain is dropped,
+/// as Celery 5.7 drops it.
 fn flatten(tasks: &[Value]) -> Result<Vec<(usize, &Value)>, CanvasError> {
     let mut out = Vec::new();
     for (index, task) in tasks.iter().enumerate() {
         match kind(task) {
-            Kind::Task | Kind::Chain => out.push((index, task)),
             Kind::Group => out.extend(members(task, "group")?),
-            other => {
-                return Err(CanvasError::Unsupported(format!(
-                    "a {} inside a group or chord header ({})",
-                    kind_name(other),
-                    task.get("task").and_then(Value::as_str).unwrap_or("?")
-                )))
-            }
+            Kind::Chain if chain_is_empty(task) => {}
+            _ => out.push((index, task)),
         }
     }
     Ok(out)
+}
+
+fn chain_is_empty(chain: &Value) -> bool {
+    chain
+        .get("kwargs")
+        .and_then(|k| k.get("tasks"))
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty)
 }
 
 /// `prefix` before the signature's own args, unless it is immutable (a
@@ -628,7 +1040,7 @@ mod tests {
             assert_eq!(m.root_id.as_deref(), Some("root"));
             assert_eq!(m.args[0], json!(7));
         }
-        assert_eq!(exp.chord_size, None);
+        assert!(exp.chord_sizes.is_empty());
         assert_eq!(
             exp.child,
             json!([
@@ -651,7 +1063,11 @@ mod tests {
             "body": body}, "options": {"task_id": "g"}, "subtask_type": "chord", "immutable": false});
         let result = json!("r1");
         let exp = expand(&sig, Some(vec![after.clone()]), &from(&result)).unwrap();
-        assert_eq!(exp.chord_size, Some(("g".to_owned(), 2)));
+        assert_eq!(exp.chord_sizes, [("g".to_owned(), 2)]);
+        assert!(
+            exp.saved_groups.is_empty(),
+            "a header of tasks is not saved"
+        );
         let msgs = decoded(&exp);
         assert_eq!(msgs.len(), 2);
         for (i, m) in msgs.iter().enumerate() {
@@ -718,19 +1134,122 @@ mod tests {
         );
     }
 
+    fn chord(header: Value, body: Value) -> Value {
+        let id = header["options"]["task_id"].clone();
+        json!({"task": "celery.chord", "args": [], "kwargs": {"kwargs": {}, "header": header, "body": body},
+               "options": {"task_id": id}, "subtask_type": "chord", "immutable": false})
+    }
+
+    fn chain(tasks: Vec<Value>) -> Value {
+        json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": tasks},
+               "options": {}, "subtask_type": "chain", "immutable": false})
+    }
+
     #[test]
-    fn a_chord_inside_a_group_is_refused_and_every_id_is_named() {
-        let inner = json!({"task": "celery.chord", "args": [], "kwargs": {
-            "header": group(vec![task(json!([1]), "h1")], "hg"), "body": task(json!([]), "b")},
-            "options": {"task_id": "hg"}, "subtask_type": "chord"});
+    fn a_chord_inside_a_group_runs_its_header_and_its_body_takes_the_members_place() {
+        let inner = chord(
+            group(vec![task(json!([1]), "h1"), task(json!([2]), "h2")], "hg"),
+            task(json!([]), "b"),
+        );
         let sig = group(vec![inner, task(json!([3]), "d")], "g");
+        let result = json!(0);
+        let exp = expand(&sig, Some(Vec::new()), &from(&result)).unwrap();
+        let msgs = decoded(&exp);
+        let ids: Vec<&str> = msgs.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["h1", "h2", "d"]);
+        assert_eq!(exp.chord_sizes, [("hg".to_owned(), 2)]);
+        for m in &msgs[..2] {
+            assert_eq!(m.group.as_deref(), Some("hg"));
+            assert_eq!(m.args[0], json!(0), "the parent's result goes first");
+            let body = &m.chord.as_ref().expect("the header carries the body")["options"];
+            // The body counts for the outer group, in the chord's place.
+            assert_eq!(body["group_id"], json!("g"));
+            assert_eq!(body["group_index"], json!(0));
+            assert_eq!(body["chord"], Value::Null);
+        }
+        assert_eq!(
+            (msgs[2].group.as_deref(), msgs[2].group_index),
+            (Some("g"), Some(1))
+        );
+        assert_eq!(
+            exp.child,
+            json!([
+                ["g", null],
+                [
+                    [
+                        [
+                            "b",
+                            [["hg", null], [[["h1", null], null], [["h2", null], null]]]
+                        ],
+                        null
+                    ],
+                    [["d", null], null]
+                ]
+            ])
+        );
+    }
+
+    #[test]
+    fn a_chord_counts_a_nested_chord_by_its_body_and_a_chain_by_its_last_group() {
+        let nested = chord(
+            group(vec![task(json!([1]), "n1")], "ng"),
+            task(json!([]), "nb"),
+        );
+        let ends_in_group = chain(vec![
+            task(json!([2]), "c1"),
+            group(vec![task(json!([3]), "c2"), task(json!([4]), "c3")], "cg"),
+        ]);
+        let sig = chord(
+            group(vec![nested, ends_in_group, task(json!([5]), "t")], "outer"),
+            task(json!([]), "body"),
+        );
+        let result = json!(0);
+        let exp = expand(&sig, None, &from(&result)).unwrap();
+        let mut sizes = exp.chord_sizes.clone();
+        sizes.sort();
+        assert_eq!(sizes, [("ng".to_owned(), 1), ("outer".to_owned(), 4)]);
+        // A member's result is a group, so the header's shape is saved.
+        let [(gid, shape)] = exp.saved_groups.as_slice() else {
+            panic!("one saved header expected: {:?}", exp.saved_groups)
+        };
+        assert_eq!(gid, "outer");
+        assert_eq!(
+            shape[1][1],
+            json!([
+                ["cg", [["c1", null], null]],
+                [[["c2", null], null], [["c3", null], null]]
+            ])
+        );
+        // The chain's first task carries its group, frozen into the outer chord.
+        let msgs = decoded(&exp);
+        let c1 = msgs.iter().find(|m| m.id == "c1").unwrap();
+        let tail = &c1.chain[0];
+        for member in tail["kwargs"]["tasks"].as_array().unwrap() {
+            assert_eq!(member["options"]["group_id"], json!("outer"));
+            assert_eq!(
+                member["options"]["chord"]["options"]["task_id"],
+                json!("body")
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_nested_deeper_is_refused_and_every_id_is_named() {
+        let deep = chain(vec![
+            task(json!([1]), "c1"),
+            group(
+                vec![chain(vec![task(json!([2]), "x1"), task(json!([3]), "x2")])],
+                "cg",
+            ),
+        ]);
+        let sig = group(vec![deep, task(json!([3]), "d")], "g");
         let result = json!(0);
         let err = expand(&sig, None, &from(&result)).unwrap_err();
         assert!(
-            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chord inside a group")),
+            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chain inside a group that ends a chain")),
             "{err}"
         );
-        assert_eq!(task_ids(&sig), ["g", "hg", "h1", "b", "d"]);
+        assert_eq!(task_ids(&sig), ["g", "c1", "cg", "x1", "x2", "d"]);
         // A task's own kwargs are never taken for workflow parts.
         let plain = json!({"task": "t", "kwargs": {"body": {"options": {"task_id": "x"}}}, "options": {"task_id": "t1"}});
         assert_eq!(task_ids(&plain), ["t1"]);

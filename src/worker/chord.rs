@@ -154,11 +154,9 @@ async fn call_body(ctx: &Ctx, msg: &TaskMessage, body: &Value, results: &[Value]
             return fail_body(ctx, body, &message).await;
         }
     };
-    if let Some((group_id, size)) = &expansion.chord_size {
-        if let Err(e) = ctx.backend.set_chord_size(group_id, *size).await {
-            let message = format!("could not record the size of the chord body's chord: {e}");
-            return fail_body(ctx, body, &message).await;
-        }
+    if let Err((what, e)) = super::outcome::record_step(ctx, &expansion).await {
+        let message = format!("could not record {what} of the chord body: {e}");
+        return fail_body(ctx, body, &message).await;
     }
     for (published, (env, route)) in expansion.messages.iter().enumerate() {
         let id = canvas::message_id(env);

@@ -219,15 +219,13 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
                 return fail(ctx, f, exc, None, secs).await;
             }
         };
-        if let Some((group_id, size)) = &expansion.chord_size {
-            if let Err(e) = ctx.backend.set_chord_size(group_id, *size).await {
-                tracing::error!(error = %e, group_id, "could not record the size of the next chord; the task fails with the error");
-                let exc = publish_error(&e, &format!("the size of chord {group_id}"));
-                // Nothing of the chord was published: its ids would stay
-                // PENDING for ever.
-                fail_step(ctx, &sig, &exc).await;
-                return fail(ctx, f, exc, None, secs).await;
-            }
+        if let Err((what, e)) = record_step(ctx, &expansion).await {
+            tracing::error!(error = %e, what, "could not record a chord of the next workflow step; the task fails with the error");
+            let exc = publish_error(&e, &what);
+            // Nothing of the step was published: its ids would stay
+            // PENDING for ever.
+            fail_step(ctx, &sig, &exc).await;
+            return fail(ctx, f, exc, None, secs).await;
         }
         for (env, route) in &expansion.messages {
             if let Err(e) = ctx
@@ -270,6 +268,28 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             .field("result", &shown)
             .field("runtime", &secs);
     });
+}
+
+/// Records what a workflow step needs before any of its messages is
+/// published: the header shape of each chord that must keep one, and each
+/// chord's size. Says what could not be recorded.
+pub(super) async fn record_step(
+    ctx: &Ctx,
+    expansion: &canvas::Expansion,
+) -> Result<(), (String, redis::RedisError)> {
+    for (group_id, shape) in &expansion.saved_groups {
+        ctx.backend
+            .save_group(group_id, shape)
+            .await
+            .map_err(|e| (format!("the header of chord {group_id}"), e))?;
+    }
+    for (group_id, size) in &expansion.chord_sizes {
+        ctx.backend
+            .set_chord_size(group_id, *size)
+            .await
+            .map_err(|e| (format!("the size of chord {group_id}"), e))?;
+    }
+    Ok(())
 }
 
 /// What follows a success, in Celery's order (`trace`'s
