@@ -404,6 +404,13 @@ async fn consume(ctx: &Arc<Ctx>, handlers: &TaskTracker) {
                     stalled_logged = false;
                 }
                 backoff.reset();
+                // Fewer than asked for: the queues are (nearly) empty, so
+                // the next reserve will most likely come back empty too.
+                // Let the messages just taken reach their pool processes
+                // before it is sent, rather than after its request (the
+                // spawned handlers otherwise wait for this loop's next
+                // await). A full batch keeps the reserve going out first.
+                let drained = items.len() < permits.len();
                 for item in items {
                     let permit = permits.pop().expect("never fetch more than permits");
                     match item {
@@ -447,6 +454,9 @@ async fn consume(ctx: &Arc<Ctx>, handlers: &TaskTracker) {
                             });
                         }
                     }
+                }
+                if drained {
+                    tokio::task::yield_now().await;
                 }
             }
             Err(e) => {
