@@ -437,7 +437,7 @@ fn chord_member(
     from: &Origin<'_>,
 ) -> Result<Expansion, CanvasError> {
     let header = chord_header(chord);
-    let mut body = chord_body(chord)?;
+    let mut body = nested_chord_body(chord)?;
     let inner_id = option_str(&header, "task_id")
         .or_else(|| option_str(chord, "task_id"))
         .map_or_else(new_id, str::to_owned);
@@ -465,6 +465,21 @@ fn chord_member(
     let (mut out, children) = start_header(&header_members, &body, &inner_id, &partial, from)?;
     out.child = json!([[body_id, [[inner_id, null], children]], null]);
     Ok(out)
+}
+
+/// The body of a chord nested in a group or chord header, which must be a
+/// task: a group or chord body would have to hand the outer group id on
+/// to its own members for the outer chord to count them, which is not
+/// ported, and a chord that never completes must not be started.
+fn nested_chord_body(chord: &Value) -> Result<Value, CanvasError> {
+    let body = chord_body(chord)?;
+    match kind(&body) {
+        Kind::Task => Ok(body),
+        other => Err(CanvasError::Unsupported(format!(
+            "a chord whose body is a {} inside a group or chord header",
+            kind_name(other)
+        ))),
+    }
 }
 
 /// A nested chord's body frozen into the outer group in the chord's place
@@ -730,7 +745,7 @@ fn freeze_chord_link(
     outer_body: Option<&Value>,
     from: &Origin<'_>,
 ) -> Result<Tail, CanvasError> {
-    let mut body = chord_body(chord)?;
+    let mut body = nested_chord_body(chord)?;
     freeze_in_place(&mut body, index, group_id, outer_body, from);
     let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
     let mut header = chord_header(chord);
@@ -1250,6 +1265,18 @@ mod tests {
             "{err}"
         );
         assert_eq!(task_ids(&sig), ["g", "c1", "cg", "x1", "x2", "d"]);
+        // A nested chord's group body would have to hand the outer group
+        // id to its members: refused rather than started uncountable.
+        let group_body = chord(
+            group(vec![task(json!([1]), "h1")], "hg"),
+            group(vec![task(json!([2]), "m1")], "bg"),
+        );
+        let sig = group(vec![group_body, task(json!([3]), "d")], "g");
+        let err = expand(&sig, None, &from(&result)).unwrap_err();
+        assert!(
+            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chord whose body is a group")),
+            "{err}"
+        );
         // A task's own kwargs are never taken for workflow parts.
         let plain = json!({"task": "t", "kwargs": {"body": {"options": {"task_id": "x"}}}, "options": {"task_id": "t1"}});
         assert_eq!(task_ids(&plain), ["t1"]);
