@@ -21,9 +21,10 @@
 //! last link is frozen into the outer group, the first task carries it).
 //! Not expanded (the caller fails the step with [`CanvasError`]): a chain
 //! or chord inside a group that ends such a chain, or inside the header
-//! of a chord that does (three levels deep), and a group or chord followed
-//! by more links inside such a chain (the client already rewrites
-//! `group | task` into a chord).
+//! of a chord that does (three levels deep), a nested chord whose body is
+//! a chord (or, at the end of such a chain, a group), and a group or chord
+//! followed by more links inside such a chain (the client already
+//! rewrites `group | task` into a chord).
 
 use serde_json::{json, Map, Value};
 use thiserror::Error;
@@ -321,6 +322,7 @@ fn start_header(
 ) -> Result<(Expansion, Vec<Value>), CanvasError> {
     let mut out = Expansion::default();
     let mut children = Vec::new();
+    let mut saved_children = Vec::new();
     let mut size = 0;
     for (index, member) in header_members {
         size += completions(member);
@@ -330,6 +332,16 @@ fn start_header(
             outer_body: Some(body),
         };
         if let Some(nested) = start_nested(member, &place, None, partial, from)? {
+            let mut saved = nested.child.clone();
+            if kind(member) == Kind::Chord {
+                // Celery saves the header as `_chord.run` froze it again,
+                // which wraps a nested chord's header in a group of its
+                // own: an id nothing else names.
+                if let Some(id) = saved.pointer_mut("/0/1/0/0") {
+                    *id = json!(new_id());
+                }
+            }
+            saved_children.push(saved);
             children.push(nested.child.clone());
             out.absorb(nested);
             continue;
@@ -342,12 +354,15 @@ fn start_header(
         opts.insert("chord".into(), body.clone());
         let (env, route) = call(&member, None, None, from)?;
         children.push(child_ref(message_id(&env)));
+        saved_children.push(child_ref(message_id(&env)));
         out.messages.push((env, route));
     }
     // Celery's `apply_chord` saves the header only when it is "complex".
     if children.iter().any(is_group_result) {
-        out.saved_groups
-            .push((group_id.to_owned(), json!([[group_id, null], children])));
+        out.saved_groups.push((
+            group_id.to_owned(),
+            json!([[group_id, null], saved_children]),
+        ));
     }
     out.chord_sizes.push((group_id.to_owned(), size));
     Ok((out, children))
@@ -424,9 +439,10 @@ fn completions(sig: &Value) -> usize {
 /// add_to_parent=False, chord=<the outer chord's body>, **group options)`):
 /// its body takes the member's place in the outer group (the outer group
 /// id and index, and the outer body to call in turn), and its header runs
-/// under the chord's own group id with that body. `chain` is the rest of
-/// the workflow where the group passes one on (a chain step, not a
-/// callback or a chord header).
+/// under the chord's own group id with that body (a group body's members
+/// take the place instead, see [`freeze_group_body`]). `chain` is the
+/// rest of the workflow where the group passes one on (a chain step, not
+/// a callback or a chord header).
 fn chord_member(
     chord: &Value,
     index: usize,
@@ -437,11 +453,26 @@ fn chord_member(
     from: &Origin<'_>,
 ) -> Result<Expansion, CanvasError> {
     let header = chord_header(chord);
-    let mut body = nested_chord_body(chord)?;
+    let mut body = chord_body(chord)?;
     let inner_id = option_str(&header, "task_id")
         .or_else(|| option_str(chord, "task_id"))
         .map_or_else(new_id, str::to_owned);
-    freeze_in_place(&mut body, index, group_id, outer_body, from);
+    let body_kind = kind(&body);
+    let members = match body_kind {
+        Kind::Task => {
+            freeze_in_place(&mut body, index, group_id, outer_body, from);
+            None
+        }
+        Kind::Group => Some(freeze_group_body(
+            &mut body, index, group_id, &inner_id, outer_body, from,
+        )?),
+        other => {
+            return Err(CanvasError::Unsupported(format!(
+                "a chord whose body is a {} inside a group or chord header",
+                kind_name(other)
+            )))
+        }
+    };
     {
         // The group's apply options reach the body through the chord.
         let opts = options_mut(&mut body);
@@ -451,35 +482,90 @@ fn chord_member(
             opts.insert("chain".into(), Value::Array(chain.to_vec()));
         }
         opts.entry("priority").or_insert(Value::Null);
-        opts.insert("group_id".into(), json!(group_id));
+        if body_kind == Kind::Task {
+            opts.insert("group_id".into(), json!(group_id));
+        }
     }
     let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
+    let body_result = |parent: Value| match &members {
+        None => json!([[body_id, parent], null]),
+        Some(members) => json!([[body_id, parent], members]),
+    };
     let partial = chord_partial(chord, prefix);
     let header_members = header_members(&header)?;
     if header_members.is_empty() {
+        if body_kind != Kind::Task {
+            return Err(CanvasError::Unsupported(
+                "an empty chord whose body is a group inside a group or chord header".into(),
+            ));
+        }
         // `body.delay([])`.
         let mut out = Expansion::single(call(&body, Some(&json!([])), None, from)?);
-        out.child = json!([[body_id, [[inner_id, null], []]], null]);
+        out.child = body_result(json!([[inner_id, null], []]));
         return Ok(out);
     }
     let (mut out, children) = start_header(&header_members, &body, &inner_id, &partial, from)?;
-    out.child = json!([[body_id, [[inner_id, null], children]], null]);
+    out.child = body_result(json!([[inner_id, null], children]));
     Ok(out)
 }
 
-/// The body of a chord nested in a group or chord header, which must be a
-/// task: a group or chord body would have to hand the outer group id on
-/// to its own members for the outer chord to count them, which is not
-/// ported, and a chord that never completes must not be started.
-fn nested_chord_body(chord: &Value) -> Result<Value, CanvasError> {
-    let body = chord_body(chord)?;
-    match kind(&body) {
-        Kind::Task => Ok(body),
-        other => Err(CanvasError::Unsupported(format!(
-            "a chord whose body is a {} inside a group or chord header",
-            kind_name(other)
-        ))),
+/// A nested chord's group body, frozen as Celery freezes it twice (into
+/// the outer group in the chord's place, then by the chord with its own
+/// header's id): the group itself names the chord's header, and its
+/// members (nested groups unrolled, numbered anew) take the outer group
+/// id and the outer chord's body, so that each counts for the outer
+/// chord. Returns the members' results.
+fn freeze_group_body(
+    body: &mut Value,
+    index: usize,
+    group_id: &str,
+    header_id: &str,
+    outer_body: Option<&Value>,
+    from: &Origin<'_>,
+) -> Result<Vec<Value>, CanvasError> {
+    {
+        let opts = options_mut(body);
+        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        opts.insert("group_index".into(), json!(index));
+        opts.insert("root_id".into(), json!(from.root_id));
+        opts.entry("parent_id").or_insert(Value::Null);
+        opts.insert("group_id".into(), json!(header_id));
+        if let Some(outer) = outer_body {
+            opts.insert("chord".into(), outer.clone());
+        }
     }
+    let tasks: Vec<Value> = members(body, "chord body")?
+        .into_iter()
+        .map(|(_, m)| m.clone())
+        .collect();
+    let mut frozen = Vec::with_capacity(tasks.len());
+    for (n, mut task) in tasks.into_iter().enumerate() {
+        if kind(&task) != Kind::Task {
+            return Err(CanvasError::Unsupported(format!(
+                "a {} inside the group body of a chord inside a group or chord header",
+                kind_name(kind(&task))
+            )));
+        }
+        let opts = options_mut(&mut task);
+        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        opts.entry("reply_to")
+            .or_insert_with(|| json!(super::outgoing::worker_oid()));
+        opts.insert("group_index".into(), json!(n));
+        opts.entry("group_id").or_insert_with(|| json!(group_id));
+        if let Some(outer) = outer_body {
+            opts.insert("chord".into(), outer.clone());
+        }
+        opts.insert("root_id".into(), json!(from.root_id));
+        frozen.push(task);
+    }
+    let results = frozen
+        .iter()
+        .map(|t| child_ref(option_str(t, "task_id").unwrap_or_default()))
+        .collect();
+    if let Some(kwargs) = body.get_mut("kwargs").and_then(Value::as_object_mut) {
+        kwargs.insert("tasks".into(), Value::Array(frozen));
+    }
+    Ok(results)
 }
 
 /// A nested chord's body frozen into the outer group in the chord's place
@@ -745,7 +831,15 @@ fn freeze_chord_link(
     outer_body: Option<&Value>,
     from: &Origin<'_>,
 ) -> Result<Tail, CanvasError> {
-    let mut body = nested_chord_body(chord)?;
+    let mut body = chord_body(chord)?;
+    if kind(&body) != Kind::Task {
+        // Its members would have to take the outer group id, which is
+        // not ported here: refused rather than started uncountable.
+        return Err(CanvasError::Unsupported(format!(
+            "a chord whose body is a {} at the end of a chain inside a group or chord header",
+            kind_name(kind(&body))
+        )));
+    }
     freeze_in_place(&mut body, index, group_id, outer_body, from);
     let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
     let mut header = chord_header(chord);
@@ -1265,16 +1359,20 @@ mod tests {
             "{err}"
         );
         assert_eq!(task_ids(&sig), ["g", "c1", "cg", "x1", "x2", "d"]);
-        // A nested chord's group body would have to hand the outer group
-        // id to its members: refused rather than started uncountable.
-        let group_body = chord(
+        // A nested chord whose body is a chord would have to hand the
+        // outer group id on two levels down: refused rather than started
+        // uncountable.
+        let chord_body = chord(
             group(vec![task(json!([1]), "h1")], "hg"),
-            group(vec![task(json!([2]), "m1")], "bg"),
+            chord(
+                group(vec![task(json!([2]), "m1")], "bg"),
+                task(json!([]), "b2"),
+            ),
         );
-        let sig = group(vec![group_body, task(json!([3]), "d")], "g");
+        let sig = group(vec![chord_body, task(json!([3]), "d")], "g");
         let err = expand(&sig, None, &from(&result)).unwrap_err();
         assert!(
-            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chord whose body is a group")),
+            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chord whose body is a chord")),
             "{err}"
         );
         // A task's own kwargs are never taken for workflow parts.

@@ -84,6 +84,10 @@ def shapes(app, first_queue: str, step_queue: str) -> dict:
         "a | chord([b | chord([c], d), e], f)":
             chain(a(), chord([chain(s(10), chord([s(11)], s())), s(20)], s())),
         "link=group(chord, e)": a().set(link=group(chord([s(10)], s()), s(20))),
+        "a | group(chord([b], group(c, d)), e)":
+            chain(a(), group(chord([s(10)], group(s(11), s(12))), s(20))),
+        "a | chord([chord([b], group(c, d)), e], f)":
+            chain(a(), chord([chord([s(10)], group(s(11), s(12))), s(20)], s())),
     }
 
 
@@ -329,6 +333,14 @@ def nested_shapes(app) -> dict:
         "a | chord([b | chord([c], d), e], f)": (
             chain(s(1), chord([chain(s(10), chord([s(11)], s())), s(20)], s())),
             echo_result([echo_result([echo_result(echo_result(f, 10), 11)]), echo_result(f, 20)])),
+        "a | group(chord([b], group(c, d)), e)": (
+            chain(s(1), group(chord([s(10)], group(s(11), s(12))), s(20))),
+            [[echo_result([echo_result(f, 10)], 11), echo_result([echo_result(f, 10)], 12)],
+             echo_result(f, 20)]),
+        "a | chord([chord([b], group(c, d)), e], f)": (
+            chain(s(1), chord([chord([s(10)], group(s(11), s(12))), s(20)], s())),
+            echo_result([[echo_result([echo_result(f, 10)], 11), echo_result([echo_result(f, 10)], 12)],
+                         echo_result(f, 20)])),
         "chord whose body is group(chord, e)": (
             chord([s(1)], group(chord([s(2)], s()), s(3))),
             [echo_result([echo_result([f], 2)]), echo_result([f], 3)]),
