@@ -208,6 +208,11 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub reject_on_worker_lost: bool,
 
+    /// Let the `pool_restart` remote control command replace every pool
+    /// process (Celery's `worker_pool_restarts`; off by default, as there).
+    #[arg(long)]
+    pub pool_restarts: bool,
+
     /// How many times a task may be put back after killing its process
     /// before it fails for good and goes to the dead-letter list.
     #[arg(long, default_value_t = 3)]
@@ -254,6 +259,7 @@ pub struct WorkerConfig {
     pub max_tasks_per_child: Option<u64>,
     pub max_memory_per_child_kib: Option<u64>,
     pub reject_on_worker_lost: bool,
+    pub pool_restarts: bool,
     pub max_redeliveries: u32,
     pub enable_chaos_tasks: bool,
     pub loglevel: String,
@@ -375,6 +381,7 @@ impl WorkerArgs {
             max_tasks_per_child: self.max_tasks_per_child.filter(|n| *n > 0),
             max_memory_per_child_kib: self.max_memory_per_child.filter(|n| *n > 0),
             reject_on_worker_lost: self.reject_on_worker_lost,
+            pool_restarts: self.pool_restarts,
             max_redeliveries: self.max_redeliveries,
             enable_chaos_tasks: self.enable_chaos_tasks,
             loglevel: self.loglevel.clone(),

@@ -103,9 +103,21 @@ pub(super) async fn dispatch(ctx: &Ctx, req: &Request) -> Option<Value> {
                 }
             }
         },
-        "pool_restart" => json!({
-            "error": format!("{} is not supported by tori-worker yet: restart the worker with another --concurrency", req.method)
-        }),
+        // Celery's answer without `worker_pool_restarts`. There are no
+        // modules to reload: each process starts afresh with the tasks
+        // built into the binary (and loads the model again when used).
+        "pool_restart" if !ctx.cfg.pool_restarts => {
+            json!({"error": "ValueError('Pool restarts not enabled')"})
+        }
+        "pool_restart" => match ctx.pool.restart() {
+            Ok(()) => {
+                tracing::info!(
+                    "pool processes replaced by remote control, each after its current task"
+                );
+                json!({"ok": "reload started"})
+            }
+            Err(e) => json!({"error": e}),
+        },
         other => json!({"error": format!("KeyError('{other}')")}),
     };
     Some(reply)

@@ -120,6 +120,14 @@ pub trait Pool: Send + Sync + std::fmt::Debug {
     /// Stops every running task now (cold shutdown). Prefork kills its
     /// processes; threads cannot be killed, so the default does nothing.
     fn abort(&self) {}
+    /// Replaces every process with a fresh one, each once its current task
+    /// is done (`pool_restart`); only prefork has processes to replace.
+    fn restart(&self) -> Result<(), String> {
+        Err(format!(
+            "the {} pool has no processes to restart",
+            self.kind()
+        ))
+    }
     /// Processes replaced, by cause (prefork only).
     fn restarts(&self) -> std::collections::BTreeMap<&'static str, u64> {
         Default::default()

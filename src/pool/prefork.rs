@@ -69,6 +69,9 @@ struct Shared {
     pids: Mutex<Vec<Option<u32>>>,
     idle: Mutex<VecDeque<usize>>,
     restarts: RestartCounts,
+    /// Bumped by `pool_restart`: a process started before the bump is
+    /// replaced when idle, or once its current task is done.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -114,6 +117,7 @@ impl PreforkPool {
                 pids: Mutex::new(Vec::new()),
                 idle: Mutex::new(VecDeque::new()),
                 restarts: RestartCounts::default(),
+                generation: tokio::sync::watch::Sender::new(0),
             }),
         };
         pool.grow(size);
@@ -184,6 +188,11 @@ impl Pool for PreforkPool {
 
     fn acquire(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Slot> + Send + '_>> {
         super::acquire_slot(&self.slots)
+    }
+
+    fn restart(&self) -> Result<(), String> {
+        self.shared.generation.send_modify(|g| *g += 1);
+        Ok(())
     }
 
     fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome> {
@@ -332,7 +341,10 @@ async fn supervise(
 ) {
     let mut backoff = Backoff::default();
     let mut pending: Option<Dispatch> = None;
+    let mut generation = shared.generation.subscribe();
     'spawn: loop {
+        // A process started now is already what a restart asks for.
+        generation.borrow_and_update();
         let mut running = match spawn_child(&cfg).await {
             Ok(r) => r,
             Err(e) => {
@@ -364,6 +376,13 @@ async fn supervise(
                         tracing::warn!(child = index, pid = running.pid, status = %describe_exit(status.ok()), "idle pool process exited; replacing it");
                         shared.restarts.add("exited-idle");
                         shared.set_pid(index, None);
+                        continue 'spawn;
+                    }
+                    Ok(()) = generation.changed() => {
+                        tracing::info!(child = index, pid = running.pid, "idle pool process replaced by pool_restart");
+                        shared.restarts.add("pool-restart");
+                        shared.set_pid(index, None);
+                        retire(&mut running).await;
                         continue 'spawn;
                     }
                 },
@@ -401,8 +420,9 @@ async fn supervise(
                 .pid
                 .store(0, std::sync::atomic::Ordering::Relaxed);
             served += 1;
-            let recycle =
-                end.replace.is_none() && cfg.max_tasks_per_child.is_some_and(|max| served >= max);
+            let restart_due = generation.has_changed().unwrap_or(false);
+            let recycle = end.replace.is_none()
+                && (restart_due || cfg.max_tasks_per_child.is_some_and(|max| served >= max));
             if end.replace.is_some() || recycle {
                 // The next job here goes to a new process: never name this one.
                 shared.set_pid(index, None);
@@ -418,25 +438,40 @@ async fn supervise(
                 continue 'spawn;
             }
             if recycle {
-                tracing::info!(
-                    child = index,
-                    pid = running.pid,
-                    served,
-                    "pool process reached --max-tasks-per-child; replacing it"
-                );
-                shared.restarts.add("max-tasks-per-child");
-                drop(running.stdin.take());
-                if tokio::time::timeout(Duration::from_secs(10), running.child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = running.child.start_kill();
-                    let _ = running.child.wait().await;
+                if restart_due {
+                    tracing::info!(
+                        child = index,
+                        pid = running.pid,
+                        "pool process replaced by pool_restart after its task"
+                    );
+                    shared.restarts.add("pool-restart");
+                } else {
+                    tracing::info!(
+                        child = index,
+                        pid = running.pid,
+                        served,
+                        "pool process reached --max-tasks-per-child; replacing it"
+                    );
+                    shared.restarts.add("max-tasks-per-child");
                 }
+                retire(&mut running).await;
                 shared.set_pid(index, None);
                 continue 'spawn;
             }
         }
+    }
+}
+
+/// Lets an idle child leave (its stdin closes), killing it if it has not
+/// within 10 s.
+async fn retire(running: &mut Running) {
+    drop(running.stdin.take());
+    if tokio::time::timeout(Duration::from_secs(10), running.child.wait())
+        .await
+        .is_err()
+    {
+        let _ = running.child.start_kill();
+        let _ = running.child.wait().await;
     }
 }
 

@@ -602,6 +602,36 @@ def test_pool_grow_and_shrink_change_processes_and_parallelism(redis_server, wor
     assert time.monotonic() - t >= 1.9, "one process must run the two tasks one after the other"
 
 
+def test_pool_restart_replaces_every_process_once_its_task_is_done(redis_server, worker_factory, app):
+    """Without --pool-restarts, pool_restart gets Celery's refusal (its
+    `worker_pool_restarts` is off by default too); with it, every pool
+    process is replaced, a busy one only after its task, and tasks keep
+    running."""
+    url = redis_server.url()
+    worker_factory(url, "--concurrency", "1", hostname="norestart@tests", queues=["norestart"])
+    assert app.control.pool_restart(destination=["norestart@tests"], reply=True, timeout=1) == [
+        {"norestart@tests": {"error": "ValueError('Pool restarts not enabled')"}}]
+
+    node = "restart@tests"
+    worker_factory(url, "--concurrency", "2", "--pool-restarts", hostname=node)
+    inspector = app.control.inspect(destination=[node], timeout=1)
+
+    def processes():
+        procs = inspector.stats()[node]["pool"]["processes"]
+        return procs if len(procs) == 2 else None
+
+    before = wait_for(processes, timeout=10, message="two pool processes never came up")
+    busy = app.send_task("tori.sleep", args=[1])
+    wait_for(lambda: inspector.active()[node], timeout=10, message="the sleep never started")
+    assert app.control.pool_restart(destination=[node], reply=True, timeout=1) == [
+        {node: {"ok": "reload started"}}]
+    assert busy.get(timeout=15) == 1, "the busy process finishes its task first"
+    after = wait_for(lambda: (lambda p: p if p and not set(p) & set(before) else None)(processes()),
+                     timeout=15, message=lambda: f"processes {processes()} still include {before}")
+    assert len(after) == 2
+    assert app.send_task("tori.echo", args=[1]).get(timeout=10) == {"args": [1], "kwargs": {}}
+
+
 # --------------------------------------------------------------------------
 # Prometheus metrics and health
 # --------------------------------------------------------------------------
