@@ -215,6 +215,14 @@ fn chord_body(sig: &Value) -> Result<Value, CanvasError> {
         .ok_or_else(|| CanvasError::Unsupported(format!("a chord without a body: {sig}")))
 }
 
+/// The group id a chord's header runs under: the header's frozen id, else
+/// the chord's, else a new one.
+fn chord_group_id(header: &Value, chord: &Value) -> String {
+    option_str(header, "task_id")
+        .or_else(|| option_str(chord, "task_id"))
+        .map_or_else(new_id, str::to_owned)
+}
+
 fn chord_header(sig: &Value) -> Value {
     sig.get("kwargs")
         .and_then(|k| k.get("header"))
@@ -250,9 +258,7 @@ fn expand_chord(
 ) -> Result<Expansion, CanvasError> {
     let header = chord_header(sig);
     let mut body = chord_body(sig)?;
-    let group_id = option_str(&header, "task_id")
-        .or_else(|| option_str(sig, "task_id"))
-        .map_or_else(new_id, str::to_owned);
+    let group_id = chord_group_id(&header, sig);
     let partial = chord_partial(sig, std::slice::from_ref(from.result));
 
     let body_kind = kind(&body);
@@ -454,9 +460,7 @@ fn chord_member(
 ) -> Result<Expansion, CanvasError> {
     let header = chord_header(chord);
     let mut body = chord_body(chord)?;
-    let inner_id = option_str(&header, "task_id")
-        .or_else(|| option_str(chord, "task_id"))
-        .map_or_else(new_id, str::to_owned);
+    let inner_id = chord_group_id(&header, chord);
     let body_kind = kind(&body);
     let members = match body_kind {
         Kind::Task => {
@@ -547,9 +551,7 @@ fn freeze_group_body(
             )));
         }
         let opts = options_mut(&mut task);
-        opts.entry("task_id").or_insert_with(|| json!(new_id()));
-        opts.entry("reply_to")
-            .or_insert_with(|| json!(super::outgoing::worker_oid()));
+        give_ids(opts);
         opts.insert("group_index".into(), json!(n));
         opts.entry("group_id").or_insert_with(|| json!(group_id));
         if let Some(outer) = outer_body {
@@ -662,9 +664,7 @@ fn chain_member(
     }
     for task in tasks.iter_mut().take(last).skip(1) {
         let opts = options_mut(task);
-        opts.entry("task_id").or_insert_with(|| json!(new_id()));
-        opts.entry("reply_to")
-            .or_insert_with(|| json!(super::outgoing::worker_oid()));
+        give_ids(opts);
         opts.insert("root_id".into(), json!(from.root_id));
     }
     let last_kind = kind(&tasks[last]);
@@ -675,9 +675,7 @@ fn chain_member(
             let task = &mut tasks[last];
             let opts = options_mut(task);
             if last > 0 {
-                opts.entry("task_id").or_insert_with(|| json!(new_id()));
-                opts.entry("reply_to")
-                    .or_insert_with(|| json!(super::outgoing::worker_oid()));
+                give_ids(opts);
             }
             opts.insert("group_index".into(), json!(index));
             opts.insert("root_id".into(), json!(from.root_id));
@@ -875,9 +873,7 @@ fn freeze_chord_link(
                 )));
             }
             let opts = options_mut(task);
-            opts.entry("task_id").or_insert_with(|| json!(new_id()));
-            opts.entry("reply_to")
-                .or_insert_with(|| json!(super::outgoing::worker_oid()));
+            give_ids(opts);
             opts.entry("group_index").or_insert_with(|| json!(n));
             opts.insert("root_id".into(), json!(from.root_id));
             members.push(child_ref(option_str(task, "task_id").unwrap_or_default()));
@@ -897,6 +893,14 @@ fn freeze_chord_link(
         header_id,
         members,
     })
+}
+
+/// A task id and a reply-to where the signature has none yet, as
+/// Celery's `freeze` gives them.
+fn give_ids(opts: &mut Map<String, Value>) {
+    opts.entry("task_id").or_insert_with(|| json!(new_id()));
+    opts.entry("reply_to")
+        .or_insert_with(|| json!(super::outgoing::worker_oid()));
 }
 
 /// Python's truth of an option value (`if root_id:`).
