@@ -19,12 +19,18 @@
 //! member of a group or of a chord header (its body takes the member's
 //! place), and a chain member whose last link is a group or a chord (the
 //! last link is frozen into the outer group, the first task carries it).
-//! Not expanded (the caller fails the step with [`CanvasError`]): a chain
-//! or chord inside a group that ends such a chain, or inside the header
-//! of a chord that does (three levels deep), a nested chord whose body is
-//! a chord (or, at the end of such a chain, a group), and a group or chord
-//! followed by more links inside such a chain (the client already
-//! rewrites `group | task` into a chord).
+//! Three levels deep: a chain of tasks inside a group that ends such a
+//! chain (`a | group(b | group(c | d, e), f)`) is frozen into the outer
+//! group by its last link; a chord there (inside a group only) by its
+//! body; a chain of tasks or a group inside the header of a chord that
+//! ends such a chain is frozen with that header.
+//! Not expanded (the caller fails the step with [`CanvasError`]): a chord
+//! inside a group that ends such a chain inside a chord header (a Celery
+//! 5.7 worker starts it so that the outer chord never completes), a
+//! nested chord whose body is a chord (or,
+//! at the end of such a chain, a group), and a group or chord followed by
+//! more links inside such a chain (the client already rewrites `group |
+//! task` into a chord).
 
 use serde_json::{json, Map, Value};
 use thiserror::Error;
@@ -339,13 +345,18 @@ fn start_header(
         };
         if let Some(nested) = start_nested(member, &place, None, partial, from)? {
             let mut saved = nested.child.clone();
-            if kind(member) == Kind::Chord {
-                // Celery saves the header as `_chord.run` froze it again,
-                // which wraps a nested chord's header in a group of its
-                // own: an id nothing else names.
-                if let Some(id) = saved.pointer_mut("/0/1/0/0") {
-                    *id = json!(new_id());
+            // Celery saves the header as `_chord.run` froze it again,
+            // which wraps a nested chord's header in a group of its own: an
+            // id nothing else names. That holds for a chord member, and for
+            // a chord inside a group that ends a chain member.
+            match kind(member) {
+                Kind::Chord => refreeze_chord_header(&mut saved),
+                Kind::Chain => {
+                    if let Some(results) = saved.get_mut(1).and_then(Value::as_array_mut) {
+                        results.iter_mut().for_each(refreeze_chord_header);
+                    }
                 }
+                _ => {}
             }
             saved_children.push(saved);
             children.push(nested.child.clone());
@@ -372,6 +383,17 @@ fn start_header(
     }
     out.chord_sizes.push((group_id.to_owned(), size));
     Ok((out, children))
+}
+
+/// A chord's result (its body's, whose parent is the header's group
+/// result: `[[body, [[header, parent], members]], …]`) with a new id for
+/// its header; anything else as it is.
+fn refreeze_chord_header(result: &mut Value) {
+    if result.pointer("/0/1/1").is_some_and(Value::is_array) {
+        if let Some(id) = result.pointer_mut("/0/1/0/0") {
+            *id = json!(new_id());
+        }
+    }
 }
 
 /// Where a nested member stands: its place in the outer group and the
@@ -464,7 +486,7 @@ fn chord_member(
     let body_kind = kind(&body);
     let members = match body_kind {
         Kind::Task => {
-            freeze_in_place(&mut body, index, group_id, outer_body, from);
+            freeze_in_place(&mut body, index, group_id, outer_body, &json!(from.root_id));
             None
         }
         Kind::Group => Some(freeze_group_body(
@@ -579,11 +601,13 @@ fn freeze_in_place(
     index: usize,
     group_id: &str,
     outer_body: Option<&Value>,
-    from: &Origin<'_>,
+    root: &Value,
 ) {
     let opts = options_mut(body);
     opts.entry("task_id").or_insert_with(|| json!(new_id()));
-    opts.insert("root_id".into(), json!(from.root_id));
+    if truthy(root) {
+        opts.insert("root_id".into(), root.clone());
+    }
     opts.entry("reply_to")
         .or_insert_with(|| json!(super::outgoing::worker_oid()));
     opts.entry("group_id").or_insert_with(|| json!(group_id));
@@ -670,7 +694,13 @@ fn chain_member(
     let last_kind = kind(&tasks[last]);
     let tail = match last_kind {
         Kind::Group => freeze_group_link(&mut tasks[last], index, group_id, chord, from)?,
-        Kind::Chord => freeze_chord_link(&mut tasks[last], index, group_id, chord, from)?,
+        Kind::Chord => Tail::Chord(freeze_chord_link(
+            &mut tasks[last],
+            index,
+            group_id,
+            chord,
+            &json!(from.root_id),
+        )?),
         _ => {
             let task = &mut tasks[last];
             let opts = options_mut(task);
@@ -700,11 +730,7 @@ fn chain_member(
         Tail::Task if last == 0 => parent,
         Tail::Task => json!([[option_str(&tasks[last], "task_id"), parent], null]),
         Tail::Group { id, members } => json!([[id, parent], members]),
-        Tail::Chord {
-            body_id,
-            header_id,
-            members,
-        } => json!([[body_id, [[header_id, parent], members]], null]),
+        Tail::Chord(chord) => chord.result(parent),
     };
     let mut out = Expansion::single(message);
     out.child = child;
@@ -715,15 +741,27 @@ fn chain_member(
 /// entry.
 enum Tail {
     Task,
-    Group {
-        id: String,
-        members: Vec<Value>,
-    },
-    Chord {
-        body_id: String,
-        header_id: String,
-        members: Vec<Value>,
-    },
+    Group { id: String, members: Vec<Value> },
+    Chord(FrozenChord),
+}
+
+/// A chord frozen in a member's place: its body's id, the id its header's
+/// result is listed under, and the header members' results.
+struct FrozenChord {
+    body_id: String,
+    header_id: String,
+    members: Vec<Value>,
+}
+
+impl FrozenChord {
+    /// The chord's result (its body's, whose parent is the header's),
+    /// with `parent` as the header's parent.
+    fn result(self, parent: Value) -> Value {
+        json!([
+            [self.body_id, [[self.header_id, parent], self.members]],
+            null
+        ])
+    }
 }
 
 /// A group as the last link of a chain member, frozen as Celery's
@@ -758,6 +796,7 @@ fn freeze_group_link(
         (own_id, root, parent)
     };
     let mut frozen = Vec::new();
+    let mut members = Vec::new();
     let mut stack: std::collections::VecDeque<Value> = group
         .get("kwargs")
         .and_then(|k| k.get("tasks"))
@@ -794,20 +833,37 @@ fn freeze_group_link(
                     opts.insert("chord".into(), body.clone());
                 }
                 opts.insert("group_index".into(), json!(frozen.len()));
+                members.push(child_ref(option_str(&task, "task_id").unwrap_or_default()));
                 frozen.push(task);
             }
-            other => {
-                return Err(CanvasError::Unsupported(format!(
-                    "a {} inside a group that ends a chain inside a group or chord header",
-                    kind_name(other)
-                )))
+            Kind::Chain if chain_is_empty(&task) => {}
+            Kind::Chain => {
+                let place = Place {
+                    index: frozen.len(),
+                    group_id,
+                    outer_body: chord,
+                };
+                members.push(freeze_task_chain(&mut task, &place, &root)?);
+                frozen.push(task);
+            }
+            Kind::Chord if chord.is_some() => {
+                // Byte for byte what a Python worker publishes would hang:
+                // the nested body keeps the group id of its own header, so
+                // the outer chord of a Celery 5.7 worker never completes.
+                return Err(CanvasError::Unsupported(
+                    "a chord inside a group that ends a chain inside a chord header \
+                     (a Celery 5.7 worker starts it so that the outer chord never completes)"
+                        .into(),
+                ));
+            }
+            Kind::Chord => {
+                let frozen_chord =
+                    freeze_chord_link(&mut task, frozen.len(), group_id, chord, &root)?;
+                members.push(frozen_chord.result(Value::Null));
+                frozen.push(task);
             }
         }
     }
-    let members = frozen
-        .iter()
-        .map(|t| child_ref(option_str(t, "task_id").unwrap_or_default()))
-        .collect();
     if let Some(kwargs) = group.get_mut("kwargs").and_then(Value::as_object_mut) {
         kwargs.insert("tasks".into(), Value::Array(frozen));
     }
@@ -815,6 +871,78 @@ fn freeze_group_link(
         id: own_id,
         members,
     })
+}
+
+/// A chain of tasks that is a member of a group frozen into an outer
+/// group, frozen as Celery's `chain.freeze(group_id=, chord=, root_id=,
+/// group_index=)` freezes it (`prepare_steps` without cloning): every link
+/// gets an id, a reply-to and the root id, and the *last* link alone
+/// stands for the member, with the outer group id (unless it has one), the
+/// place and the outer chord's body. Returns the last link's result, its
+/// parents back to the first link. A chain with a group or chord inside is
+/// refused.
+fn freeze_task_chain(
+    chain: &mut Value,
+    place: &Place<'_>,
+    root: &Value,
+) -> Result<Value, CanvasError> {
+    let prefix: Vec<Value> = chain
+        .get("args")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let Some(tasks) = chain
+        .get_mut("kwargs")
+        .and_then(|k| k.get_mut("tasks"))
+        .and_then(Value::as_array_mut)
+    else {
+        return Err(CanvasError::Unsupported(
+            "a chain without tasks inside a group that ends a chain inside a group or chord header"
+                .into(),
+        ));
+    };
+    if let Some(other) = tasks.iter().map(kind).find(|k| *k != Kind::Task) {
+        return Err(CanvasError::Unsupported(format!(
+            "a {} inside a chain inside a group that ends a chain inside a group or chord header",
+            kind_name(other)
+        )));
+    }
+    let last = tasks.len() - 1;
+    // `prepare_steps` walks the chain from its last link back to its first.
+    for (n, task) in tasks.iter_mut().enumerate().rev() {
+        if n == 0 && !prefix.is_empty() {
+            // Unlike a call, freezing prepends even to an immutable link.
+            let own = task.get("args").and_then(Value::as_array).cloned();
+            task["args"] = Value::Array(
+                prefix
+                    .iter()
+                    .cloned()
+                    .chain(own.into_iter().flatten())
+                    .collect(),
+            );
+        }
+        let opts = options_mut(task);
+        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        if truthy(root) {
+            opts.insert("root_id".into(), root.clone());
+        }
+        opts.entry("reply_to")
+            .or_insert_with(|| json!(super::outgoing::worker_oid()));
+        if n == last {
+            opts.entry("group_id")
+                .or_insert_with(|| json!(place.group_id));
+            if let Some(body) = place.outer_body {
+                opts.insert("chord".into(), body.clone());
+            }
+            opts.insert("group_index".into(), json!(place.index));
+        }
+    }
+    let mut result = Value::Null;
+    for task in tasks.iter() {
+        let id = option_str(task, "task_id").unwrap_or_default();
+        result = json!([[id, result], null]);
+    }
+    Ok(result)
 }
 
 /// A chord as the last link of a chain member, frozen as a Celery 5.7
@@ -827,8 +955,8 @@ fn freeze_chord_link(
     index: usize,
     group_id: &str,
     outer_body: Option<&Value>,
-    from: &Origin<'_>,
-) -> Result<Tail, CanvasError> {
+    root: &Value,
+) -> Result<FrozenChord, CanvasError> {
     let mut body = chord_body(chord)?;
     if kind(&body) != Kind::Task {
         // Its members would have to take the outer group id, which is
@@ -838,7 +966,7 @@ fn freeze_chord_link(
             kind_name(kind(&body))
         )));
     }
-    freeze_in_place(&mut body, index, group_id, outer_body, from);
+    freeze_in_place(&mut body, index, group_id, outer_body, root);
     let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
     let mut header = chord_header(chord);
     if !header.is_object() || kind(&header) != Kind::Group {
@@ -855,7 +983,7 @@ fn freeze_chord_link(
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        opts.insert("root_id".into(), json!(from.root_id));
+        opts.insert("root_id".into(), root.clone());
         opts.entry("parent_id").or_insert(Value::Null);
         header_id
     };
@@ -866,17 +994,7 @@ fn freeze_chord_link(
         .and_then(Value::as_array_mut)
     {
         for (n, task) in tasks.iter_mut().enumerate() {
-            if kind(task) != Kind::Task {
-                return Err(CanvasError::Unsupported(format!(
-                    "a {} inside the header of a chord that ends a chain inside a group or chord header",
-                    kind_name(kind(task))
-                )));
-            }
-            let opts = options_mut(task);
-            give_ids(opts);
-            opts.entry("group_index").or_insert_with(|| json!(n));
-            opts.insert("root_id".into(), json!(from.root_id));
-            members.push(child_ref(option_str(task, "task_id").unwrap_or_default()));
+            freeze_header_member(task, n, root, &mut members)?;
         }
     }
     options_mut(chord).insert("task_id".into(), json!(header_id));
@@ -888,11 +1006,79 @@ fn freeze_chord_link(
         kwargs.insert("header".into(), header);
         kwargs.insert("body".into(), body);
     }
-    Ok(Tail::Chord {
+    Ok(FrozenChord {
         body_id,
         header_id,
         members,
     })
+}
+
+/// A member of the header of a chord that ends a chain member, frozen as
+/// Celery 5.7 leaves it in the message (the chord freezes a copy of its
+/// header): every task gets an id, a reply-to and the root id, and keeps
+/// the place the client gave it; a chain of tasks counts by its last link
+/// (its results, each the parent of the next), a nested group by each of
+/// its tasks. Pushes the member's results onto `results`.
+fn freeze_header_member(
+    member: &mut Value,
+    n: usize,
+    root: &Value,
+    results: &mut Vec<Value>,
+) -> Result<(), CanvasError> {
+    let refuse = |what: Kind| {
+        CanvasError::Unsupported(format!(
+            "a {} inside the header of a chord that ends a chain inside a group or chord header",
+            kind_name(what)
+        ))
+    };
+    let freeze = |task: &mut Value, index: Option<usize>| {
+        let opts = options_mut(task);
+        give_ids(opts);
+        if let Some(index) = index {
+            opts.entry("group_index").or_insert_with(|| json!(index));
+        }
+        if truthy(root) {
+            opts.insert("root_id".into(), root.clone());
+        }
+    };
+    match kind(member) {
+        Kind::Task => {
+            freeze(member, Some(n));
+            results.push(child_ref(option_str(member, "task_id").unwrap_or_default()));
+        }
+        what @ (Kind::Chain | Kind::Group) => {
+            let Some(tasks) = member
+                .get_mut("kwargs")
+                .and_then(|k| k.get_mut("tasks"))
+                .and_then(Value::as_array_mut)
+            else {
+                return Err(refuse(what));
+            };
+            if let Some(other) = tasks.iter().map(kind).find(|k| *k != Kind::Task) {
+                return Err(refuse(other));
+            }
+            let last = tasks.len().saturating_sub(1);
+            let mut chained = Value::Null;
+            for (k, task) in tasks.iter_mut().enumerate() {
+                let index = match what {
+                    Kind::Group => Some(k),
+                    _ => (k == last).then_some(n),
+                };
+                freeze(task, index);
+                let id = option_str(task, "task_id").unwrap_or_default();
+                if what == Kind::Group {
+                    results.push(child_ref(id));
+                } else {
+                    chained = json!([[id, chained], null]);
+                }
+            }
+            if what == Kind::Chain && !tasks.is_empty() {
+                results.push(chained);
+            }
+        }
+        other => return Err(refuse(other)),
+    }
+    Ok(())
 }
 
 /// A task id and a reply-to where the signature has none yet, as
@@ -1247,6 +1433,94 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_chain_in_a_group_that_ends_a_member_chain_counts_by_its_last_link() {
+        // a | group(b | group(c | d, e), f): the step after a.
+        let inner = group(
+            vec![
+                chain(vec![task(json!([11]), "c"), task(json!([12]), "d")]),
+                task(json!([13]), "e"),
+            ],
+            "ig",
+        );
+        let member = chain(vec![task(json!([10]), "b"), inner]);
+        let sig = group(vec![member, task(json!([20]), "f")], "g");
+        let result = json!(0);
+        let exp = expand(&sig, None, &from(&result)).unwrap();
+        let msgs = decoded(&exp);
+        assert_eq!(msgs.len(), 2, "b now, f now; c, d and e once b is done");
+        assert_eq!(msgs[0].id, "b");
+        let frozen = &msgs[0].chain[0];
+        let links = &frozen["kwargs"]["tasks"][0]["kwargs"]["tasks"];
+        // The chain's last link stands for it in the *outer* group.
+        assert_eq!(links[1]["options"]["task_id"], json!("d"));
+        assert_eq!(links[1]["options"]["group_id"], json!("g"));
+        assert_eq!(links[1]["options"]["group_index"], json!(0));
+        assert!(links[0]["options"].get("group_id").is_none());
+        assert!(links[0]["options"].get("group_index").is_none());
+        let e = &frozen["kwargs"]["tasks"][1]["options"];
+        assert_eq!(
+            (&e["group_id"], &e["group_index"]),
+            (&json!("g"), &json!(1))
+        );
+        for link in [&links[0], &links[1], &frozen["kwargs"]["tasks"][1]] {
+            assert_eq!(link["options"]["root_id"], json!("root"));
+        }
+        assert_eq!(
+            exp.child,
+            json!([
+                ["g", null],
+                [
+                    [
+                        ["ig", [["b", null], null]],
+                        [[["d", [["c", null], null]], null], [["e", null], null]]
+                    ],
+                    [["f", null], null]
+                ]
+            ])
+        );
+        // As the header of a | chord([b | group(c | d, e), f], g) it
+        // stands for d, e and f.
+        assert_eq!(completions(&sig), 3);
+    }
+
+    #[test]
+    fn a_chain_in_the_header_of_a_chord_that_ends_a_member_chain_is_frozen_with_it() {
+        // a | group(b | chord([c | d, e], f), g): the step after a.
+        let header = group(
+            vec![
+                chain(vec![task(json!([11]), "c"), task(json!([12]), "d")]),
+                task(json!([13]), "e"),
+            ],
+            "hg",
+        );
+        let member = chain(vec![
+            task(json!([10]), "b"),
+            chord(header, task(json!([]), "f")),
+        ]);
+        let sig = group(vec![member, task(json!([20]), "g")], "og");
+        let result = json!(0);
+        let exp = expand(&sig, None, &from(&result)).unwrap();
+        let msgs = decoded(&exp);
+        let frozen = &msgs[0].chain[0];
+        let links = &frozen["kwargs"]["header"]["kwargs"]["tasks"][0]["kwargs"]["tasks"];
+        for link in links.as_array().unwrap() {
+            assert_eq!(link["options"]["root_id"], json!("root"));
+        }
+        // The body stands for the member in the outer group.
+        let body = &frozen["kwargs"]["body"]["options"];
+        assert_eq!(
+            (&body["group_id"], &body["group_index"]),
+            (&json!("og"), &json!(0))
+        );
+        // The header's results: the chain's last link (its parent the
+        // first), then e.
+        assert_eq!(
+            exp.child[1][0][0][1][1],
+            json!([[["d", [["c", null], null]], null], [["e", null], null]])
+        );
+    }
+
     fn chord(header: Value, body: Value) -> Value {
         let id = header["options"]["task_id"].clone();
         json!({"task": "celery.chord", "args": [], "kwargs": {"kwargs": {}, "header": header, "body": body},
@@ -1351,18 +1625,27 @@ mod tests {
         let deep = chain(vec![
             task(json!([1]), "c1"),
             group(
-                vec![chain(vec![task(json!([2]), "x1"), task(json!([3]), "x2")])],
+                vec![chord(
+                    group(vec![task(json!([2]), "x1")], "xg"),
+                    task(json!([3]), "x2"),
+                )],
                 "cg",
             ),
         ]);
-        let sig = group(vec![deep, task(json!([3]), "d")], "g");
+        let sig = chord(
+            group(vec![deep, task(json!([3]), "d")], "g"),
+            task(json!([]), "b"),
+        );
         let result = json!(0);
         let err = expand(&sig, None, &from(&result)).unwrap_err();
         assert!(
-            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chain inside a group that ends a chain")),
+            matches!(err, CanvasError::Unsupported(ref why) if why.contains("a chord inside a group that ends a chain inside a chord header")),
             "{err}"
         );
-        assert_eq!(task_ids(&sig), ["g", "c1", "cg", "x1", "x2", "d"]);
+        assert_eq!(
+            task_ids(&sig),
+            ["g", "c1", "cg", "xg", "x1", "x2", "d", "b"]
+        );
         // A nested chord whose body is a chord would have to hand the
         // outer group id on two levels down: refused rather than started
         // uncountable.

@@ -88,6 +88,19 @@ def shapes(app, first_queue: str, step_queue: str) -> dict:
             chain(a(), group(chord([s(10)], group(s(11), s(12))), s(20))),
         "a | chord([chord([b], group(c, d)), e], f)":
             chain(a(), chord([chord([s(10)], group(s(11), s(12))), s(20)], s())),
+        # Three levels: a chain inside a group that ends a member chain.
+        "a | group(b | group(c | d, e), f)":
+            chain(a(), group(chain(s(10), group(chain(s(11), s(12)), s(13))), s(20))),
+        "a | chord([b | group(c | d, e), f], g)":
+            chain(a(), chord([chain(s(10), group(chain(s(11), s(12)), s(13))), s(20)], s())),
+        "a | group(b | chord([c | d, e], f), g)":
+            chain(a(), group(chain(s(10), chord([chain(s(11), s(12)), s(13)], s())), s(20))),
+        "a | chord([b | chord([c | d, e], f), g], h)":
+            chain(a(), chord([chain(s(10), chord([chain(s(11), s(12)), s(13)], s())), s(20)], s())),
+        "a | group(b | chord([group(c, d), e], f), g)":
+            chain(a(), group(chain(s(10), chord([group(s(11), s(12)), s(13)], s())), s(20))),
+        "a | group(b | group(chord([c], d), e), f)":
+            chain(a(), group(chain(s(10), group(chord([s(11)], s()), s(13))), s(20))),
     }
 
 
@@ -341,6 +354,36 @@ def nested_shapes(app) -> dict:
             chain(s(1), chord([chord([s(10)], group(s(11), s(12))), s(20)], s())),
             echo_result([[echo_result([echo_result(f, 10)], 11), echo_result([echo_result(f, 10)], 12)],
                          echo_result(f, 20)])),
+        "a | group(b | group(c | d, e), f)": (
+            chain(s(1), group(chain(s(10), group(chain(s(11), s(12)), s(13))), s(20))),
+            [[echo_result(echo_result(echo_result(f, 10), 11), 12), echo_result(echo_result(f, 10), 13)],
+             echo_result(f, 20)]),
+        "a | chord([b | group(c | d, e), f], g)": (
+            chain(s(1), chord([chain(s(10), group(chain(s(11), s(12)), s(13))), s(20)], s())),
+            echo_result([[echo_result(echo_result(echo_result(f, 10), 11), 12),
+                          echo_result(echo_result(f, 10), 13)],
+                         echo_result(f, 20)])),
+        "a | group(b | chord([c | d, e], f), g)": (
+            chain(s(1), group(chain(s(10), chord([chain(s(11), s(12)), s(13)], s())), s(20))),
+            [echo_result([echo_result(echo_result(echo_result(f, 10), 11), 12),
+                          echo_result(echo_result(f, 10), 13)]),
+             echo_result(f, 20)]),
+        "a | chord([b | chord([c | d, e], f), g], h)": (
+            chain(s(1), chord([chain(s(10), chord([chain(s(11), s(12)), s(13)], s())), s(20)], s())),
+            echo_result([echo_result([echo_result(echo_result(echo_result(f, 10), 11), 12),
+                                      echo_result(echo_result(f, 10), 13)]),
+                         echo_result(f, 20)])),
+        "a | group(b | chord([group(c, d), e], f), g)": (
+            chain(s(1), group(chain(s(10), chord([group(s(11), s(12)), s(13)], s())), s(20))),
+            # Celery's header freeze unrolls the nested group with
+            # deque.extendleft, which reverses it: d's result comes first.
+            [echo_result([echo_result(echo_result(f, 10), 12), echo_result(echo_result(f, 10), 11),
+                          echo_result(echo_result(f, 10), 13)]),
+             echo_result(f, 20)]),
+        "a | group(b | group(chord([c], d), e), f)": (
+            chain(s(1), group(chain(s(10), group(chord([s(11)], s()), s(13))), s(20))),
+            [[echo_result([echo_result(echo_result(f, 10), 11)]), echo_result(echo_result(f, 10), 13)],
+             echo_result(f, 20)]),
         "chord whose body is group(chord, e)": (
             chord([s(1)], group(chord([s(2)], s()), s(3))),
             [echo_result([echo_result([f], 2)]), echo_result([f], 3)]),
@@ -358,22 +401,24 @@ def test_nested_steps_end_to_end(tori_worker, app):
 
 
 def test_step_tori_cannot_start_fails_with_a_clear_error(tori_worker, app):
-    """A chain inside a group that ends a chain that is a group member
-    (``group(b | group(c | d, e), f)``, three levels deep) is not
-    expanded: the task and every id of the step get NotImplementedError
-    saying so, instead of a step that silently never runs."""
+    """A chord inside a group that ends a chain that is a chord header
+    member (``chord([b | group(chord([c], d), e), f], g)``, three levels
+    deep) is not expanded: a Python worker starts it so that the outer
+    chord never completes. The task and every id of the step get
+    NotImplementedError saying so, instead of a step that silently never
+    finishes."""
     echo = app.signature("tori.echo")
     inner = chain(echo.clone(args=[10]),
-                  group(chain(echo.clone(args=[11]), echo.clone(args=[12])), echo.clone(args=[13])))
-    res = chain(echo.clone(args=[1]), group(inner, echo.clone(args=[20]))).apply_async()
+                  group(chord([echo.clone(args=[11])], echo.clone()), echo.clone(args=[13])))
+    res = chain(echo.clone(args=[1]), chord([inner, echo.clone(args=[20])], echo.clone())).apply_async()
     first = res.parent
     while first.parent is not None:
         first = first.parent
-    with pytest.raises(NotImplementedError, match="a chain inside a group that ends a chain"):
+    with pytest.raises(NotImplementedError,
+                       match="a chord inside a group that ends a chain inside a chord header"):
         app.AsyncResult(first.id).get(timeout=30)
-    other = res.results[-1]
     with pytest.raises(NotImplementedError, match="cannot start this workflow step"):
-        app.AsyncResult(other.id).get(timeout=30)
+        app.AsyncResult(res.id).get(timeout=30)
 
 
 def test_failed_chord_calls_its_bodys_errback(tori_worker, app):
