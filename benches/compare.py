@@ -488,7 +488,8 @@ def latency_case(side, srv: RedisServer, msgs: Messages, n: int, logdir: Path):
 
         return {"p50_ms": q(lat, 50), "p95_ms": q(lat, 95), "p99_ms": q(lat, 99),
                 "mean_ms": statistics.fmean(lat),
-                "p50_until_stored_ms": q(before, 50), "p50_after_stored_ms": q(after, 50)}
+                "p50_until_stored_ms": q(before, 50), "p50_after_stored_ms": q(after, 50),
+                "p99_until_stored_ms": q(before, 99), "p99_after_stored_ms": q(after, 99)}
     finally:
         app.close()
         w.stop()
@@ -806,14 +807,16 @@ def render(args, meta, data, cmdline) -> str:
             p = [x[key] for x in lat["python"]]
             L.append(f"| {key.removesuffix('_ms')} | {cell(t)} | {cell(p)} | {ratio(t, p)} |")
         split = (("p50_until_stored_ms", "p50 from `send_task()` to the worker's `date_done`"),
-                 ("p50_after_stored_ms", "p50 from `date_done` to `get()` returning"))
+                 ("p50_after_stored_ms", "p50 from `date_done` to `get()` returning"),
+                 ("p99_until_stored_ms", "p99 from `send_task()` to the worker's `date_done`"),
+                 ("p99_after_stored_ms", "p99 from `date_done` to `get()` returning"))
         for key, label in split:
             t = [x[key] for x in lat["tori"] if x.get(key) is not None]
             p = [x[key] for x in lat["python"] if x.get(key) is not None]
             if t and p:
                 L.append(f"| {label} | {cell(t)} | {cell(p)} | {ratio(t, p)} |")
         L.append("")
-        L.append("The last two rows split each round trip at the moment the worker dates the "
+        L.append("The last four rows split each round trip at the moment the worker dates the "
                  "result it stores: before it, the client's `send_task()` and the worker's "
                  "fetch and run; after it, what the worker does until the result is "
                  "stored, Redis's PUBLISH and the client's handling of the message inside "
