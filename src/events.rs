@@ -8,8 +8,10 @@
 //!
 //! Task events are buffered and published as JSON lists on
 //! `task.multi`, as the Python worker does: one PUBLISH per batch instead
-//! of three per task is what keeps `-E` cheap. The buffer is flushed every
-//! 100 ms, when it holds 96 events, and before `worker-offline`. Each task
+//! of three per task is what keeps `-E` cheap. The buffer is flushed
+//! [`GATHER`] after its first event (Celery flushes on the next turn of
+//! its event loop, so monitors see an idle worker's events at once), when
+//! it holds 96 events, and before `worker-offline`. Each task
 //! event is written straight to JSON text ([`Fields`]) instead of a map
 //! of values: three events per task made that map building a visible part
 //! of the parent's CPU, and with events off nothing is built at all.
@@ -72,6 +74,8 @@ pub struct Events {
     /// Task events waiting for the next flush, already written as the
     /// batch's JSON list (open, without its closing bracket).
     buffer: Mutex<Pending>,
+    /// Signalled by the first event into an empty buffer.
+    queued: tokio::sync::Notify,
     full: tokio::sync::Notify,
 }
 
@@ -79,10 +83,13 @@ pub struct Events {
 /// of thousands of events a second each PUBLISH (a round trip on the
 /// events connection and a wake-up of the flusher) cost ~2 µs per task at
 /// 24, so batches are larger. Receivers take lists of any length, and
-/// [`FLUSH_EVERY`] still bounds how late an event is.
+/// [`GATHER`] still bounds how late an event is.
 const BATCH: usize = 96;
-/// Longest an event waits in the buffer.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How long the flusher lets events gather after the first one: the
+/// events of one burst of work share a PUBLISH, and an event is never
+/// later than this (it used to be 100 ms; a Python worker flushes on the
+/// next turn of its loop). Under a drain a batch fills in less.
+const GATHER: Duration = Duration::from_millis(5);
 
 fn epoch() -> f64 {
     std::time::SystemTime::now()
@@ -123,6 +130,7 @@ impl Events {
             task_events: AtomicBool::new(task_events),
             clock: Clock::default(),
             buffer: Mutex::new(Pending::default()),
+            queued: tokio::sync::Notify::new(),
             full: tokio::sync::Notify::new(),
         }
     }
@@ -227,6 +235,9 @@ impl Events {
             pending.count += 1;
             pending.count
         };
+        if count == 1 {
+            self.queued.notify_one();
+        }
         if count >= BATCH {
             self.full.notify_one();
         }
@@ -299,13 +310,19 @@ impl Events {
         }
     }
 
-    /// Flushes every [`FLUSH_EVERY`] or when a batch is full, until `stop`
-    /// resolves; then flushes once more.
+    /// Flushes [`GATHER`] after an event arrives in an empty buffer, or
+    /// as soon as a batch is full, until `stop` resolves; then flushes
+    /// once more.
     pub async fn flusher(&self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                _ = self.queued.notified() => {}
+                _ = self.full.notified() => {}
+                _ = &mut stop => break,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(GATHER) => {}
                 _ = self.full.notified() => {}
                 _ = &mut stop => break,
             }

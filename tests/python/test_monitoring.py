@@ -822,7 +822,7 @@ def test_task_events_follow_the_stored_result(redis_server, worker_factory, app,
     wait_for(monitor_live, 10, message="MONITOR never started")
     try:
         # Enough tasks to fill the event buffer (96 events) several times:
-        # a full buffer is published at once, not at the next 100 ms tick.
+        # a full buffer is published at once, not after the gathering delay.
         ok = [app.send_task("tori.echo", args=[i]) for i in range(150)]
         bad = [app.send_task("tori.fail", args=[f"no {i}"]) for i in range(10)]
         flaky = [app.send_task("tori.flaky", args=[1], kwargs={"countdown": 0.05}) for _ in range(5)]
