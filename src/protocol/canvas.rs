@@ -23,14 +23,16 @@
 //! chain (`a | group(b | group(c | d, e), f)`) is frozen into the outer
 //! group by its last link; a chord there (inside a group only) by its
 //! body; a chain of tasks or a group inside the header of a chord that
-//! ends such a chain is frozen with that header.
+//! ends such a chain is frozen with that header. A chord may also come
+//! before the last link of a member chain (`b | group(c, d) | e | f`,
+//! which the client builds as a chord whose body is `e | f`, unrolled as
+//! Celery's `chain.run` unrolls it).
 //! Not expanded (the caller fails the step with [`CanvasError`]): a chord
 //! inside a group that ends such a chain inside a chord header (a Celery
 //! 5.7 worker starts it so that the outer chord never completes), a
-//! nested chord whose body is a chord (or,
-//! at the end of such a chain, a group), and a group or chord followed by
-//! more links inside such a chain (the client already rewrites `group |
-//! task` into a chord).
+//! nested chord whose body is a chord or a group (inside such a chain),
+//! a group followed by more links inside such a chain, and links deeper
+//! than tasks inside the three-level shapes above.
 
 use serde_json::{json, Map, Value};
 use thiserror::Error;
@@ -652,7 +654,8 @@ fn freeze_chord_body(chord: &mut Value, group_id: &str, root_id: &str) {
 /// (frozen) as its chain; the *last* link stands for the member, so it
 /// alone carries the group id, the place in the group and the chord body,
 /// and its result is the one that counts. The last link may be a group
-/// (its members join the outer group) or a chord (its body does). Returns
+/// (its members join the outer group) or a chord (its body does); a chord
+/// may also come before it (frozen with the root id only). Returns
 /// the message with the member's `children` entry (the last link, its
 /// parents back to the first task).
 fn chain_member(
@@ -663,12 +666,14 @@ fn chain_member(
     prefix: &[Value],
     from: &Origin<'_>,
 ) -> Result<Expansion, CanvasError> {
-    let mut tasks = chain
-        .get("kwargs")
-        .and_then(|k| k.get("tasks"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let mut tasks = unroll_chord_bodies(
+        chain
+            .get("kwargs")
+            .and_then(|k| k.get("tasks"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+    )?;
     let Some(last) = tasks.len().checked_sub(1) else {
         return Err(CanvasError::Unsupported(
             "an empty chain inside a group or chord header".into(),
@@ -680,27 +685,43 @@ fn chain_member(
             kind_name(kind(&tasks[0]))
         )));
     }
-    if let Some(other) = tasks[..last].iter().map(kind).find(|k| *k != Kind::Task) {
+    // A chord may come before the last link (the client turns `group |
+    // task` into one); a group there would be a chord with a group body.
+    let middle = tasks.get(1..last).unwrap_or_default();
+    let first_kind = Some(kind(&tasks[0])).filter(|k| last > 0 && *k != Kind::Task);
+    let middle_kind = middle
+        .iter()
+        .map(kind)
+        .find(|k| !matches!(k, Kind::Task | Kind::Chord));
+    if let Some(other) = first_kind.or(middle_kind) {
         return Err(CanvasError::Unsupported(format!(
             "a {} followed by more links in a chain inside a group or chord header",
             kind_name(other)
         )));
     }
+    let root = json!(from.root_id);
+    let mut middle_chords = Vec::new();
     for task in tasks.iter_mut().take(last).skip(1) {
+        if kind(task) == Kind::Chord {
+            middle_chords.push(Some(freeze_chord_link(task, None, &root)?));
+            continue;
+        }
+        middle_chords.push(None);
         let opts = options_mut(task);
         give_ids(opts);
-        opts.insert("root_id".into(), json!(from.root_id));
+        opts.insert("root_id".into(), root.clone());
     }
     let last_kind = kind(&tasks[last]);
     let tail = match last_kind {
         Kind::Group => freeze_group_link(&mut tasks[last], index, group_id, chord, from)?,
-        Kind::Chord => Tail::Chord(freeze_chord_link(
-            &mut tasks[last],
-            index,
-            group_id,
-            chord,
-            &json!(from.root_id),
-        )?),
+        Kind::Chord => {
+            let place = Place {
+                index,
+                group_id,
+                outer_body: chord,
+            };
+            Tail::Chord(freeze_chord_link(&mut tasks[last], Some(&place), &root)?)
+        }
         _ => {
             let task = &mut tasks[last];
             let opts = options_mut(task);
@@ -722,9 +743,15 @@ fn chain_member(
     let message = call(&first, None, Some(rest), from)?;
     // The links' results, each the parent of the next.
     let mut parent = child_ref(message_id(&message.0));
-    for task in &tasks[1..last] {
-        let id = option_str(task, "task_id").unwrap_or_default();
-        parent = json!([[id, parent], null]);
+    let middle = tasks.get(1..last).unwrap_or_default();
+    for (task, chord) in middle.iter().zip(middle_chords) {
+        parent = match chord {
+            Some(chord) => chord.result(parent),
+            None => json!([
+                [option_str(task, "task_id").unwrap_or_default(), parent],
+                null
+            ]),
+        };
     }
     let child = match tail {
         Tail::Task if last == 0 => parent,
@@ -737,6 +764,59 @@ fn chain_member(
     Ok(out)
 }
 
+/// Celery's `chord._unroll_body` as `chain.run` applies it to a chain's
+/// links: a chord whose body is a chain led by a task keeps that task as
+/// its body (with the chain's own options, except those `chain.run` takes
+/// itself), and the rest of the body's chain follows it as links of the
+/// outer chain. The client builds `b | group(c, d) | e | f` as such a
+/// chord.
+fn unroll_chord_bodies(links: Vec<Value>) -> Result<Vec<Value>, CanvasError> {
+    const RUN_OPTIONS: [&str; 8] = [
+        "chord",
+        "group_id",
+        "group_index",
+        "link",
+        "link_error",
+        "parent_id",
+        "root_id",
+        "task_id",
+    ];
+    let mut out = Vec::with_capacity(links.len());
+    for mut link in links {
+        let body = link
+            .get("kwargs")
+            .and_then(|k| k.get("body"))
+            .filter(|b| kind(&link) == Kind::Chord && kind(b) == Kind::Chain);
+        let body_links = body
+            .and_then(|b| b.get("kwargs")?.get("tasks")?.as_array())
+            .filter(|l| l.first().is_some_and(|first| kind(first) != Kind::Group))
+            .cloned();
+        let (Some(body), Some(mut body_links)) = (body, body_links) else {
+            out.push(link);
+            continue;
+        };
+        let opts = options(body);
+        if opts.contains_key("link") || opts.contains_key("link_error") {
+            return Err(CanvasError::Unsupported(
+                "a chord whose body is a chain with callbacks inside a group or chord header"
+                    .into(),
+            ));
+        }
+        let rest = body_links.split_off(1);
+        let mut first = body_links.remove(0);
+        let first_opts = options_mut(&mut first);
+        for (k, v) in opts {
+            if !RUN_OPTIONS.contains(&k.as_str()) {
+                first_opts.insert(k, v);
+            }
+        }
+        link["kwargs"]["body"] = first;
+        out.push(link);
+        out.extend(rest);
+    }
+    Ok(out)
+}
+
 /// What the last link of a chain member stands for in its `children`
 /// entry.
 enum Tail {
@@ -745,22 +825,23 @@ enum Tail {
     Chord(FrozenChord),
 }
 
-/// A chord frozen in a member's place: its body's id, the id its header's
-/// result is listed under, and the header members' results.
+/// A chord frozen in a member's place: its body's ids (a chain body's
+/// links, first to last), the id its header's result is listed under, and
+/// the header members' results.
 struct FrozenChord {
-    body_id: String,
+    body_ids: Vec<String>,
     header_id: String,
     members: Vec<Value>,
 }
 
 impl FrozenChord {
-    /// The chord's result (its body's, whose parent is the header's),
-    /// with `parent` as the header's parent.
+    /// The chord's result (its body's last link, whose first link's parent
+    /// is the header's), with `parent` as the header's parent.
     fn result(self, parent: Value) -> Value {
-        json!([
-            [self.body_id, [[self.header_id, parent], self.members]],
-            null
-        ])
+        let header = json!([[self.header_id, parent], self.members]);
+        self.body_ids
+            .into_iter()
+            .fold(header, |parent, id| json!([[id, parent], null]))
     }
 }
 
@@ -843,7 +924,7 @@ fn freeze_group_link(
                     group_id,
                     outer_body: chord,
                 };
-                members.push(freeze_task_chain(&mut task, &place, &root)?);
+                members.push(freeze_task_chain(&mut task, Some(&place), &root)?);
                 frozen.push(task);
             }
             Kind::Chord if chord.is_some() => {
@@ -857,8 +938,12 @@ fn freeze_group_link(
                 ));
             }
             Kind::Chord => {
-                let frozen_chord =
-                    freeze_chord_link(&mut task, frozen.len(), group_id, chord, &root)?;
+                let place = Place {
+                    index: frozen.len(),
+                    group_id,
+                    outer_body: chord,
+                };
+                let frozen_chord = freeze_chord_link(&mut task, Some(&place), &root)?;
                 members.push(frozen_chord.result(Value::Null));
                 frozen.push(task);
             }
@@ -883,7 +968,7 @@ fn freeze_group_link(
 /// refused.
 fn freeze_task_chain(
     chain: &mut Value,
-    place: &Place<'_>,
+    place: Option<&Place<'_>>,
     root: &Value,
 ) -> Result<Value, CanvasError> {
     let prefix: Vec<Value> = chain
@@ -928,7 +1013,7 @@ fn freeze_task_chain(
         }
         opts.entry("reply_to")
             .or_insert_with(|| json!(super::outgoing::worker_oid()));
-        if n == last {
+        if let Some(place) = place.filter(|_| n == last) {
             opts.entry("group_id")
                 .or_insert_with(|| json!(place.group_id));
             if let Some(body) = place.outer_body {
@@ -952,22 +1037,52 @@ fn freeze_task_chain(
 /// link before it finishes, and gives its header the body then.
 fn freeze_chord_link(
     chord: &mut Value,
-    index: usize,
-    group_id: &str,
-    outer_body: Option<&Value>,
+    place: Option<&Place<'_>>,
     root: &Value,
 ) -> Result<FrozenChord, CanvasError> {
     let mut body = chord_body(chord)?;
-    if kind(&body) != Kind::Task {
+    match (kind(&body), place) {
+        (Kind::Task, Some(p)) => {
+            freeze_in_place(&mut body, p.index, p.group_id, p.outer_body, root)
+        }
+        // A link before the last: `body.freeze(root_id=)` only.
+        (Kind::Task, None) => {
+            let opts = options_mut(&mut body);
+            opts.entry("task_id").or_insert_with(|| json!(new_id()));
+            if truthy(root) {
+                opts.insert("root_id".into(), root.clone());
+            }
+            opts.entry("reply_to")
+                .or_insert_with(|| json!(super::outgoing::worker_oid()));
+        }
+        // The client makes `b | group(c, d) | e | f` a chord whose body
+        // is `e | f`; its last link takes the place.
+        (Kind::Chain, place) => {
+            freeze_task_chain(&mut body, place, root)?;
+        }
         // Its members would have to take the outer group id, which is
         // not ported here: refused rather than started uncountable.
-        return Err(CanvasError::Unsupported(format!(
-            "a chord whose body is a {} at the end of a chain inside a group or chord header",
-            kind_name(kind(&body))
-        )));
+        (other, _) => {
+            return Err(CanvasError::Unsupported(format!(
+                "a chord whose body is a {} inside a chain inside a group or chord header",
+                kind_name(other)
+            )))
+        }
     }
-    freeze_in_place(&mut body, index, group_id, outer_body, root);
-    let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
+    let body_ids: Vec<String> = match kind(&body) {
+        Kind::Chain => body
+            .get("kwargs")
+            .and_then(|k| k.get("tasks"))
+            .and_then(Value::as_array)
+            .map(|links| {
+                links
+                    .iter()
+                    .map(|l| option_str(l, "task_id").unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => vec![option_str(&body, "task_id").unwrap_or_default().to_owned()],
+    };
     let mut header = chord_header(chord);
     if !header.is_object() || kind(&header) != Kind::Group {
         return Err(CanvasError::Unsupported(
@@ -1007,7 +1122,7 @@ fn freeze_chord_link(
         kwargs.insert("body".into(), body);
     }
     Ok(FrozenChord {
-        body_id,
+        body_ids,
         header_id,
         members,
     })
@@ -1519,6 +1634,29 @@ mod tests {
             exp.child[1][0][0][1][1],
             json!([[["d", [["c", null], null]], null], [["e", null], null]])
         );
+    }
+
+    #[test]
+    fn a_chord_whose_body_is_a_chain_led_by_a_task_is_unrolled_as_celery_runs_it() {
+        let header = || group(vec![task(json!([1]), "c")], "hg");
+        let body = chain(vec![task(json!([2]), "e"), task(json!([3]), "f")]);
+        let links =
+            unroll_chord_bodies(vec![task(json!([0]), "b"), chord(header(), body)]).unwrap();
+        let ids: Vec<&str> = links
+            .iter()
+            .map(|l| option_str(l, "task_id").unwrap_or_default())
+            .collect();
+        assert_eq!(ids, ["b", "hg", "f"]);
+        assert_eq!(links[1]["kwargs"]["body"]["options"]["task_id"], json!("e"));
+        // A body chain led by a group stays whole: its links run once per
+        // member.
+        let led_by_group = chain(vec![
+            group(vec![task(json!([4]), "g1")], "bg"),
+            task(json!([5]), "h"),
+        ]);
+        let links = unroll_chord_bodies(vec![chord(header(), led_by_group.clone())]).unwrap();
+        assert_eq!(links.len(), 1);
+        assert_eq!(links[0]["kwargs"]["body"], led_by_group);
     }
 
     fn chord(header: Value, body: Value) -> Value {
