@@ -27,12 +27,14 @@
 //! before the last link of a member chain (`b | group(c, d) | e | f`,
 //! which the client builds as a chord whose body is `e | f`, unrolled as
 //! Celery's `chain.run` unrolls it).
+//! A chord with a group body may end such a chain (`b | group(c, d) |
+//! group(e, f)`): the group's members take the place.
 //! Not expanded (the caller fails the step with [`CanvasError`]): a chord
 //! inside a group that ends such a chain inside a chord header (a Celery
 //! 5.7 worker starts it so that the outer chord never completes), a
-//! nested chord whose body is a chord or a group (inside such a chain),
-//! a group followed by more links inside such a chain, and links deeper
-//! than tasks inside the three-level shapes above.
+//! nested chord whose body is a chord, a chord with a group body before
+//! the last link of such a chain, and links deeper than tasks inside the
+//! three-level shapes above.
 
 use serde_json::{json, Map, Value};
 use thiserror::Error;
@@ -349,12 +351,18 @@ fn start_header(
             let mut saved = nested.child.clone();
             // Celery saves the header as `_chord.run` froze it again,
             // which wraps a nested chord's header in a group of its own: an
-            // id nothing else names. That holds for a chord member, and for
-            // a chord inside a group that ends a chain member.
+            // id nothing else names. That holds for a chord member, a chord
+            // with a group body that ends a chain member, and a chord
+            // inside a group that ends one.
             match kind(member) {
                 Kind::Chord => refreeze_chord_header(&mut saved),
-                Kind::Chain => {
-                    if let Some(results) = saved.get_mut(1).and_then(Value::as_array_mut) {
+                // A chain ending in a chord with a group body: that
+                // chord's header; a chain ending in a group: the chords
+                // among its members.
+                Kind::Chain if saved.get(1).is_some_and(Value::is_array) => {
+                    if saved.pointer("/0/1/1").is_some_and(Value::is_array) {
+                        refreeze_chord_header(&mut saved);
+                    } else if let Some(results) = saved.get_mut(1).and_then(Value::as_array_mut) {
                         results.iter_mut().for_each(refreeze_chord_header);
                     }
                 }
@@ -492,7 +500,12 @@ fn chord_member(
             None
         }
         Kind::Group => Some(freeze_group_body(
-            &mut body, index, group_id, &inner_id, outer_body, from,
+            &mut body,
+            index,
+            group_id,
+            &inner_id,
+            outer_body,
+            &json!(from.root_id),
         )?),
         other => {
             return Err(CanvasError::Unsupported(format!(
@@ -549,13 +562,13 @@ fn freeze_group_body(
     group_id: &str,
     header_id: &str,
     outer_body: Option<&Value>,
-    from: &Origin<'_>,
+    root: &Value,
 ) -> Result<Vec<Value>, CanvasError> {
     {
         let opts = options_mut(body);
         opts.entry("task_id").or_insert_with(|| json!(new_id()));
         opts.insert("group_index".into(), json!(index));
-        opts.insert("root_id".into(), json!(from.root_id));
+        opts.insert("root_id".into(), root.clone());
         opts.entry("parent_id").or_insert(Value::Null);
         opts.insert("group_id".into(), json!(header_id));
         if let Some(outer) = outer_body {
@@ -581,7 +594,9 @@ fn freeze_group_body(
         if let Some(outer) = outer_body {
             opts.insert("chord".into(), outer.clone());
         }
-        opts.insert("root_id".into(), json!(from.root_id));
+        if truthy(root) {
+            opts.insert("root_id".into(), root.clone());
+        }
         frozen.push(task);
     }
     let results = frozen
@@ -830,6 +845,8 @@ enum Tail {
 /// the header members' results.
 struct FrozenChord {
     body_ids: Vec<String>,
+    /// A group body's members' results.
+    body_members: Option<Vec<Value>>,
     header_id: String,
     members: Vec<Value>,
 }
@@ -839,9 +856,14 @@ impl FrozenChord {
     /// is the header's), with `parent` as the header's parent.
     fn result(self, parent: Value) -> Value {
         let header = json!([[self.header_id, parent], self.members]);
-        self.body_ids
+        let body = self
+            .body_ids
             .into_iter()
-            .fold(header, |parent, id| json!([[id, parent], null]))
+            .fold(header, |parent, id| json!([[id, parent], null]));
+        match self.body_members {
+            Some(members) => json!([body[0], members]),
+            None => body,
+        }
     }
 }
 
@@ -858,12 +880,7 @@ fn freeze_group_link(
 ) -> Result<Tail, CanvasError> {
     let (own_id, root, parent) = {
         let opts = options_mut(group);
-        let own_id = opts
-            .entry("task_id")
-            .or_insert_with(|| json!(new_id()))
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let own_id = frozen_id(opts);
         opts.insert("group_id".into(), json!(group_id));
         if let Some(body) = chord {
             opts.insert("chord".into(), body.clone());
@@ -1041,9 +1058,37 @@ fn freeze_chord_link(
     root: &Value,
 ) -> Result<FrozenChord, CanvasError> {
     let mut body = chord_body(chord)?;
+    let mut header = chord_header(chord);
+    if !header.is_object() || kind(&header) != Kind::Group {
+        return Err(CanvasError::Unsupported(
+            "a chord whose header is not a group at the end of a chain inside a group or chord header"
+                .into(),
+        ));
+    }
+    let header_id = {
+        let opts = options_mut(&mut header);
+        let header_id = frozen_id(opts);
+        opts.insert("root_id".into(), root.clone());
+        opts.entry("parent_id").or_insert(Value::Null);
+        header_id
+    };
+    let mut body_members = None;
     match (kind(&body), place) {
         (Kind::Task, Some(p)) => {
             freeze_in_place(&mut body, p.index, p.group_id, p.outer_body, root)
+        }
+        // Its members take the place (`a | group(b | group(c, d) |
+        // group(e, f), g)` is built so). Frozen once, into the outer
+        // group, and without a root id: a Celery 5.7 worker sends it so.
+        (Kind::Group, Some(p)) => {
+            body_members = Some(freeze_group_body(
+                &mut body,
+                p.index,
+                p.group_id,
+                p.group_id,
+                p.outer_body,
+                &Value::Null,
+            )?);
         }
         // A link before the last: `body.freeze(root_id=)` only.
         (Kind::Task, None) => {
@@ -1083,25 +1128,6 @@ fn freeze_chord_link(
             .unwrap_or_default(),
         _ => vec![option_str(&body, "task_id").unwrap_or_default().to_owned()],
     };
-    let mut header = chord_header(chord);
-    if !header.is_object() || kind(&header) != Kind::Group {
-        return Err(CanvasError::Unsupported(
-            "a chord whose header is not a group at the end of a chain inside a group or chord header"
-                .into(),
-        ));
-    }
-    let header_id = {
-        let opts = options_mut(&mut header);
-        let header_id = opts
-            .entry("task_id")
-            .or_insert_with(|| json!(new_id()))
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        opts.insert("root_id".into(), root.clone());
-        opts.entry("parent_id").or_insert(Value::Null);
-        header_id
-    };
     let mut members = Vec::new();
     if let Some(tasks) = header
         .get_mut("kwargs")
@@ -1123,6 +1149,7 @@ fn freeze_chord_link(
     }
     Ok(FrozenChord {
         body_ids,
+        body_members,
         header_id,
         members,
     })
@@ -1194,6 +1221,16 @@ fn freeze_header_member(
         other => return Err(refuse(other)),
     }
     Ok(())
+}
+
+/// The signature's task id, given a new one where it has none (its id
+/// once frozen).
+fn frozen_id(opts: &mut Map<String, Value>) -> String {
+    opts.entry("task_id")
+        .or_insert_with(|| json!(new_id()))
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// A task id and a reply-to where the signature has none yet, as

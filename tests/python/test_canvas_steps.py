@@ -103,6 +103,10 @@ def shapes(app, first_queue: str, step_queue: str) -> dict:
             chain(a(), group(chain(s(10), group(chord([s(11)], s()), s(13))), s(20))),
         "a | group(b | group(c, d) | e | f, g)":
             chain(a(), group(chain(s(10), group(s(11), s(12)), s(13), s(14)), s(20))),
+        "a | group(b | chord([c], group(d, e)), f)":
+            chain(a(), group(chain(s(10), chord([s(11)], group(s(12), s(13)))), s(20))),
+        "a | chord([b | chord([c], group(d, e)), f], g)":
+            chain(a(), chord([chain(s(10), chord([s(11)], group(s(12), s(13)))), s(20)], s())),
         "a | chord([b | group(c, d) | e | f, g], h)":
             chain(a(), chord([chain(s(10), group(s(11), s(12)), s(13), s(14)), s(20)], s())),
     }
@@ -397,6 +401,16 @@ def nested_shapes(app) -> dict:
             chain(s(1), chord([chain(s(10), group(s(11), s(12)), s(13), s(14)), s(20)], s())),
             echo_result([echo_result(echo_result([echo_result(echo_result(f, 10), 11),
                                                   echo_result(echo_result(f, 10), 12)], 13), 14),
+                         echo_result(f, 20)])),
+        "a | group(b | chord([c], group(d, e)), f)": (
+            chain(s(1), group(chain(s(10), chord([s(11)], group(s(12), s(13)))), s(20))),
+            [[echo_result([echo_result(echo_result(f, 10), 11)], 12),
+              echo_result([echo_result(echo_result(f, 10), 11)], 13)],
+             echo_result(f, 20)]),
+        "a | chord([b | chord([c], group(d, e)), f], g)": (
+            chain(s(1), chord([chain(s(10), chord([s(11)], group(s(12), s(13)))), s(20)], s())),
+            echo_result([[echo_result([echo_result(echo_result(f, 10), 11)], 12),
+                          echo_result([echo_result(echo_result(f, 10), 11)], 13)],
                          echo_result(f, 20)])),
         "chord whose body is group(chord, e)": (
             chord([s(1)], group(chord([s(2)], s()), s(3))),
