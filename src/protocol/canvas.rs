@@ -151,12 +151,35 @@ pub fn expand(
 ) -> Result<Expansion, CanvasError> {
     // A signature that was a chord's body carries the rest of its chain.
     let rest = rest.or_else(|| sig.get("options")?.get("chain")?.as_array().cloned());
+    check_signatures(sig)?;
+    rest.iter().flatten().try_for_each(check_signatures)?;
     match kind(sig) {
         Kind::Task => call(sig, Some(from.result), rest, from).map(Expansion::single),
         Kind::Group => expand_group(sig, rest, from),
         Kind::Chord => expand_chord(sig, rest, from),
         Kind::Chain => expand_chain(sig, rest, from),
     }
+}
+
+/// Every signature in `sig` (group members, chain links, chord header
+/// and body, at any depth) is an object: a malformed message can put
+/// anything there, and the expansion below edits signatures in place.
+fn check_signatures(sig: &Value) -> Result<(), CanvasError> {
+    if !sig.is_object() {
+        return Err(CanvasError::NoTaskName(sig.to_string()));
+    }
+    if kind(sig) == Kind::Task {
+        return Ok(());
+    }
+    let kwargs = sig.get("kwargs");
+    for key in ["tasks", "header", "body"] {
+        match kwargs.and_then(|k| k.get(key)) {
+            Some(Value::Array(list)) => list.iter().try_for_each(check_signatures)?,
+            Some(v @ Value::Object(_)) => check_signatures(v)?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// `group.apply_async((retval,), chain=rest, …)`: every member under the
@@ -1694,6 +1717,28 @@ mod tests {
         let links = unroll_chord_bodies(vec![chord(header(), led_by_group.clone())]).unwrap();
         assert_eq!(links.len(), 1);
         assert_eq!(links[0]["kwargs"]["body"], led_by_group);
+    }
+
+    #[test]
+    fn a_member_that_is_not_a_signature_is_an_error_not_a_panic() {
+        let result = json!(0);
+        for sig in [
+            json!({"task": "celery.group", "kwargs": {"tasks": ["oops"]}, "options": {}}),
+            json!({"task": "celery.group", "kwargs": {"tasks": [
+                {"task": "celery.chain", "kwargs": {"tasks": [{"task": "t"}, 5]}}]}, "options": {}}),
+            json!({"task": "celery.chord", "kwargs": {
+                "header": {"task": "celery.group", "kwargs": {"tasks": [7]}},
+                "body": {"task": "t"}}, "options": {}}),
+        ] {
+            let err = expand(&sig, None, &from(&result)).unwrap_err();
+            assert!(matches!(err, CanvasError::NoTaskName(_)), "{sig}: {err}");
+        }
+        let err = expand(
+            &task(json!([]), "t"),
+            Some(vec![json!(null)]),
+            &from(&result),
+        );
+        assert!(matches!(err, Err(CanvasError::NoTaskName(_))));
     }
 
     fn chord(header: Value, body: Value) -> Value {

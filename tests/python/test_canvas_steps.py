@@ -449,6 +449,18 @@ def test_step_tori_cannot_start_fails_with_a_clear_error(tori_worker, app):
         app.AsyncResult(res.id).get(timeout=30)
 
 
+def test_step_with_a_member_that_is_not_a_signature_fails_the_task(tori_worker, app):
+    """A hand-made message whose next step is a group with a member that is
+    not a signature (a string) fails the task with ValueError naming it; the
+    worker goes on (it used to panic while expanding such a step)."""
+    bad_group = {"task": "celery.group", "args": [], "kwargs": {"tasks": ["oops"]},
+                 "options": {}, "subtask_type": "group", "immutable": False}
+    res = app.send_task("tori.echo", args=[1], chain=[bad_group])
+    with pytest.raises(ValueError, match="no task name"):
+        res.get(timeout=30)
+    assert app.send_task("tori.echo", args=[2]).get(timeout=30) == echo_result(2)
+
+
 def test_failed_chord_calls_its_bodys_errback(tori_worker, app):
     """``chord(header, body.on_error(handler))``, Celery's documented way to
     handle a failed chord: the handler gets the body's id."""
