@@ -1032,7 +1032,11 @@ fn freeze_task_chain(
             kind_name(other)
         )));
     }
-    let last = tasks.len() - 1;
+    let Some(last) = tasks.len().checked_sub(1) else {
+        return Err(CanvasError::Unsupported(
+            "an empty chain as a chord body inside a chain inside a group or chord header".into(),
+        ));
+    };
     // `prepare_steps` walks the chain from its last link back to its first.
     for (n, task) in tasks.iter_mut().enumerate().rev() {
         if n == 0 && !prefix.is_empty() {
@@ -1739,6 +1743,19 @@ mod tests {
             &from(&result),
         );
         assert!(matches!(err, Err(CanvasError::NoTaskName(_))));
+        // A chord ending a member chain whose body is an empty chain.
+        let empty = json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": []},
+                           "options": {}, "subtask_type": "chain"});
+        let member = chain(vec![
+            task(json!([1]), "b"),
+            chord(group(vec![task(json!([2]), "c")], "hg"), empty),
+        ]);
+        let sig = group(vec![member], "g");
+        let err = expand(&sig, None, &from(&result)).unwrap_err();
+        assert!(
+            matches!(err, CanvasError::Unsupported(ref why) if why.contains("an empty chain")),
+            "{err}"
+        );
     }
 
     fn chord(header: Value, body: Value) -> Value {
