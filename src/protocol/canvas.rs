@@ -726,7 +726,7 @@ fn chain_member(
     // A chord may come before the last link (the client turns `group |
     // task` into one); a group there would be a chord with a group body.
     let middle = tasks.get(1..last).unwrap_or_default();
-    let first_kind = Some(kind(&tasks[0])).filter(|k| last > 0 && *k != Kind::Task);
+    let first_kind = Some(kind(&tasks[0])).filter(|k| *k != Kind::Task);
     let middle_kind = middle
         .iter()
         .map(kind)
