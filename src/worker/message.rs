@@ -1,15 +1,18 @@
 //! One message's life, from the moment it is reserved to its ack.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tasks::{CancelFlag, ProgressSink};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
 
+use super::handler_panic;
 use super::inflight::{Entry, InFlight, Phase};
 use super::outcome::{self, Finish};
 use super::{preview, Ctx};
@@ -28,7 +31,7 @@ pub(crate) fn accept(
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send + 'static {
     let tag = delivery.envelope.delivery_tag().to_owned();
-    let decoded = TaskMessage::decode(&delivery.envelope);
+    let decoded = handler_panic::decode(&ctx, &delivery.envelope);
     let (task_id, task_name) = match &decoded {
         Ok(m) => (m.id.clone(), m.task.clone()),
         Err(DecodeError::Refused {
@@ -67,28 +70,13 @@ pub(crate) fn accept(
     // Boxed here: the state of a message's whole life is large, and moving
     // it by value through `spawn` into the task cell was ~5 % of the
     // parent's time on a no-op drain (memmove); a box moves one pointer.
-    Box::pin(async move {
-            match decoded {
-                Ok(msg) => life(&ctx, &delivery, &tag, msg, permit).await,
-                Err(DecodeError::Refused { content_type, task_id, .. }) => {
-                    refuse(&ctx, &delivery, &tag, &task_id, &content_type).await;
-                }
-                Err(e) => {
-                    tracing::error!(
-                        queue = %delivery.queue,
-                        size = delivery.raw.len(),
-                        preview = %preview(&delivery.raw),
-                        error = %e,
-                        "malformed task message moved to the dead-letter list"
-                    );
-                    if let Err(err) = ctx
-                        .broker
-                        .dead_letter(Some(&tag), &delivery.queue, &delivery.raw, &e.to_string())
-                        .await
-                    {
-                        tracing::error!(error = %err, "could not dead-letter; the restore sweep will retry it");
-                    }
-                }
+    Box::pin(
+        async move {
+            let handled = AssertUnwindSafe(handle(&ctx, &delivery, &tag, decoded, permit))
+                .catch_unwind()
+                .await;
+            if let Err(payload) = handled {
+                handler_panic::recover(&ctx, &delivery, &tag, serial, payload).await;
             }
             // A message abandoned because the worker is stopping stays in
             // the table: shutdown puts it back on its queue.
@@ -102,7 +90,45 @@ pub(crate) fn accept(
                 ctx.inflight.remove_delivery(&tag, serial);
             }
         }
-        .instrument(span))
+        .instrument(span),
+    )
+}
+
+/// A decoded message's life; malformed and refused ones are dead-lettered
+/// or failed here.
+async fn handle(
+    ctx: &Arc<Ctx>,
+    delivery: &Delivery,
+    tag: &str,
+    decoded: Result<TaskMessage, DecodeError>,
+    permit: OwnedSemaphorePermit,
+) {
+    match decoded {
+        Ok(msg) => life(ctx, delivery, tag, msg, permit).await,
+        Err(DecodeError::Refused {
+            content_type,
+            task_id,
+            ..
+        }) => {
+            refuse(ctx, delivery, tag, &task_id, &content_type).await;
+        }
+        Err(e) => {
+            tracing::error!(
+                queue = %delivery.queue,
+                size = delivery.raw.len(),
+                preview = %preview(&delivery.raw),
+                error = %e,
+                "malformed task message moved to the dead-letter list"
+            );
+            if let Err(err) = ctx
+                .broker
+                .dead_letter(Some(tag), &delivery.queue, &delivery.raw, &e.to_string())
+                .await
+            {
+                tracing::error!(error = %err, "could not dead-letter; the restore sweep will retry it");
+            }
+        }
+    }
 }
 
 /// The args repr Celery shows in events and `inspect`: the producer's
@@ -204,6 +230,7 @@ pub(crate) async fn record_final(
             tracing::error!(error = %e, acks_late = ack_now, "could not store the result (a message not yet acked stays unacked and runs again)");
             return false;
         }
+        handler_panic::chaos_point(ctx, msg, "stored");
     }
     if let Some(body) = &msg.chord {
         super::chord::part_return(ctx, msg, doc, body).await;
@@ -259,6 +286,7 @@ async fn life(
         });
         return;
     };
+    handler_panic::chaos_point(ctx, &msg, "received");
     if ctx.revoked.contains(&msg.id) {
         tracing::warn!("task was revoked; discarding it");
         store_revoked(ctx, &msg, tag, "revoked", None, false).await;

@@ -17,11 +17,13 @@
 pub(crate) mod autoscale;
 mod chain;
 mod chord;
+mod handler_panic;
 mod inflight;
 mod message;
 mod outcome;
 pub(crate) mod rate_limit;
 pub(crate) mod revoked;
+mod supervise;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -311,24 +313,23 @@ impl Worker {
         ctx.events
             .send("worker-online", ctx.heartbeat_fields())
             .await;
-        background.spawn(heartbeat(ctx.clone()));
-        {
-            let ctx = ctx.clone();
-            background.spawn(async move {
-                let stop = ctx.clone();
-                ctx.events
-                    .flusher(async move { stop.stopped().await })
-                    .await;
+        spawn_supervised(&background, &ctx, "heartbeat", heartbeat);
+        spawn_supervised(&background, &ctx, "event flusher", |ctx| async move {
+            let stop = ctx.clone();
+            ctx.events
+                .flusher(async move { stop.stopped().await })
+                .await;
+        });
+        spawn_supervised(&background, &ctx, "remote control", crate::control::mailbox);
+        spawn_supervised(&background, &ctx, "lease keeper", lease_keeper);
+        if let Some(addr) = ctx.cfg.metrics_addr.clone() {
+            spawn_supervised(&background, &ctx, "metrics", move |ctx| {
+                crate::metrics::serve(ctx, addr.clone())
             });
         }
-        background.spawn(crate::control::mailbox(ctx.clone()));
-        background.spawn(lease_keeper(ctx.clone()));
-        if let Some(addr) = ctx.cfg.metrics_addr.clone() {
-            background.spawn(crate::metrics::serve(ctx.clone(), addr));
-        }
-        background.spawn(sweeper(ctx.clone()));
-        background.spawn(eta_releaser(ctx.clone()));
-        background.spawn(autoscale::run(ctx.clone()));
+        spawn_supervised(&background, &ctx, "restore sweeper", sweeper);
+        spawn_supervised(&background, &ctx, "eta releaser", eta_releaser);
+        spawn_supervised(&background, &ctx, "autoscaler", autoscale::run);
         background.close();
 
         let handlers = TaskTracker::new();
@@ -351,6 +352,25 @@ impl Worker {
         );
         Ok(())
     }
+}
+
+/// Spawns a background loop under `supervise`, restarted a second after a
+/// panic.
+fn spawn_supervised<Fut>(
+    tracker: &TaskTracker,
+    ctx: &Arc<Ctx>,
+    name: &'static str,
+    start: impl Fn(Arc<Ctx>) -> Fut + Send + 'static,
+) where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let ctx = ctx.clone();
+    tracker.spawn(supervise::supervise(
+        name,
+        ctx.stop.clone(),
+        Duration::from_secs(1),
+        move || start(ctx.clone()),
+    ));
 }
 
 /// Largest batch taken in one atomic fetch.

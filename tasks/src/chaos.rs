@@ -1,7 +1,9 @@
 //! Tasks that misbehave on purpose (`tori.chaos.*`), registered only with
 //! `--enable-chaos-tasks`. They prove the worker survives what real task
 //! code does on a bad day: panic, abort, segfault, allocate without end,
-//! spin without ever checking for cancellation, reject their own message.
+//! spin without ever checking for cancellation, reject their own message —
+//! and one, `tori.chaos.handler_panic`, that makes the worker's own
+//! handling of its message panic, for the bugs no review catches.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -20,7 +22,8 @@ pub fn register(registry: &mut Registry) {
         .register(Alloc)
         .register(Spin)
         .register(Exit)
-        .register(RejectMessage);
+        .register(RejectMessage)
+        .register(HandlerPanic);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -198,5 +201,37 @@ impl Task for RejectMessage {
             requeue: args.requeue,
             reason: args.reason,
         })
+    }
+}
+
+/// `tori.chaos.handler_panic(point)`: returns `point` when it runs; the
+/// misbehaviour is elsewhere. The worker's handling of this task's message
+/// (in the parent process, which never runs task code) panics at `point`
+/// (`HandlerPanic::POINTS`) when chaos tasks are enabled. No real input is
+/// known to panic the handler — each one found became a bug fix — so this is
+/// how the tests prove that the next one still costs only its own message.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerPanic;
+
+impl HandlerPanic {
+    /// Where the handler panics: while reading the message (`decode`),
+    /// once it is accepted and before it runs (`received`), or after its
+    /// final state is stored and before its message is acked (`stored`).
+    pub const POINTS: &'static [&'static str] = &["decode", "received", "stored"];
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HandlerPanicArgs {
+    point: String,
+}
+
+impl Task for HandlerPanic {
+    const NAME: &'static str = "tori.chaos.handler_panic";
+    const PARAMS: &'static [&'static str] = &["point"];
+    type Args = HandlerPanicArgs;
+    type Output = String;
+
+    fn run(&self, _ctx: &TaskContext<'_>, args: HandlerPanicArgs) -> Result<String, TaskError> {
+        Ok(args.point)
     }
 }

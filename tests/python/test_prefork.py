@@ -309,6 +309,70 @@ def test_chaos_stream_isolated(worker_factory, redis_server, app, redis_client):
 
 
 # --------------------------------------------------------------------------
+# 2b. a panic in the worker's own message handling (not in task code)
+# --------------------------------------------------------------------------
+
+HANDLER_PANIC = "tori.chaos.handler_panic"
+
+
+def active_task_ids(app, node: str) -> list[str]:
+    replies = app.control.inspect(destination=[node], timeout=2.0).active() or {}
+    assert node in replies, f"{node} did not answer `inspect active`: {replies!r}"
+    return [t["id"] for t in replies[node]]
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(90)
+def test_a_handler_panic_fails_its_task_and_strands_nothing(worker_factory, redis_server, app,
+                                                            redis_client):
+    """The worker's handling of one message panics (injected: no real input
+    is known to do it any more). That task gets FAILURE WorkerInternalError,
+    its message is acked, not held, leased and listed as active for the rest
+    of the worker's life; a panic while decoding dead-letters the message;
+    the tasks around them run as usual and the worker lives on."""
+    w = worker_factory(redis_server.url(), "--concurrency", "2", CHAOS)
+    echoes = [app.send_task("tori.echo", args=[i]) for i in range(10)]
+    received = app.send_task(HANDLER_PANIC, args=["received"])
+    decode = app.send_task(HANDLER_PANIC, args=["decode"])
+    echoes += [app.send_task("tori.echo", args=[i]) for i in range(10, 20)]
+
+    for i, r in enumerate(echoes):
+        assert r.get(timeout=30) == echo_result(i), f"echo #{i}"
+    received.get(timeout=30, propagate=False)
+    t, m, msg = failure_info(redis_client, received.id)
+    assert (t, m) == ("WorkerInternalError", "tori.exceptions"), (t, m, msg)
+    assert "panicked" in msg and '"received"' in msg, msg
+
+    wait_for(lambda: any(decode.id in entry_raw_text(e) for e in dead_letter_entries(redis_client)),
+             10, message=lambda: f"dead letters: {dead_letter_entries(redis_client)!r:.500}")
+    [dl] = [e for e in dead_letter_entries(redis_client) if decode.id in entry_raw_text(e)]
+    assert "decoder panicked" in dl["reason"], dl["reason"]
+    assert read_meta(redis_client, decode.id) is None, "a dead-lettered message stores no state"
+
+    wait_unacked_empty(redis_client)
+    assert active_task_ids(app, w.hostname) == []
+    assert w.alive()
+    assert app.send_task("tori.echo", args=["after"]).get(timeout=15) == echo_result("after")
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(90)
+def test_a_handler_panic_after_the_result_is_stored_keeps_it(worker_factory, redis_server, app,
+                                                             redis_client):
+    """Acking late, the panic comes after SUCCESS is stored and before the
+    ack: the stored outcome stands and the message is acked (not redelivered
+    to run again)."""
+    w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS, "--acks-late")
+    r = app.send_task(HANDLER_PANIC, args=["stored"])
+    assert r.get(timeout=30) == "stored"
+    wait_unacked_empty(redis_client)
+    assert active_task_ids(app, w.hostname) == []
+    assert app.send_task("tori.echo", args=[1]).get(timeout=15) == echo_result(1)
+    assert read_meta(redis_client, r.id)["status"] == "SUCCESS"
+    assert w.alive()
+
+
+# --------------------------------------------------------------------------
 # 3. hard and soft time limits
 # --------------------------------------------------------------------------
 

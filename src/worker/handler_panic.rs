@@ -1,0 +1,167 @@
+//! When the worker's own handling of a message panics: a bug in this
+//! crate, not in task code (task panics are caught in the pool process and
+//! become `TaskPanicked`).
+//!
+//! Without this, tokio would contain the panic to the message's handler
+//! task, and the message would be stranded: its in-flight entry never
+//! removed, so its lease renewed for as long as the worker lives (no sweep
+//! ever restores it), `inspect active` listing it forever, and the client
+//! waiting on a result that never comes. Here the panic costs only that
+//! message, and visibly: the task's FAILURE is stored (`WorkerInternalError`
+//! naming the panic) unless a final state already was, and the message is
+//! acked. It is failed rather than handed back because the same message
+//! would most likely hit the same bug on every worker that takes it.
+//!
+//! Deliberately minimal: errbacks and the rest of a chain are not called
+//! (the code that calls them may be what panicked); a chord header is still
+//! counted, so its body is not left waiting.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tasks::chaos::HandlerPanic;
+use tasks::{PyException, Task};
+
+use super::message::{ack, record_final};
+use super::Ctx;
+use crate::broker::Delivery;
+use crate::pool::threads::panic_message;
+use crate::protocol::result::exception_value;
+use crate::protocol::{DecodeError, Envelope, State, StateDoc, TaskMessage};
+
+/// Reads a task message, turning a panic of the decoder into a malformed
+/// message (dead-lettered like any other): the decoder sees every byte a
+/// producer can send, and a panic in it would otherwise stop the consumer
+/// loop, and with it the worker, on every worker that fetched the message.
+pub(crate) fn decode(ctx: &Ctx, envelope: &Envelope) -> Result<TaskMessage, DecodeError> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let decoded = TaskMessage::decode(envelope);
+        if let Ok(msg) = &decoded {
+            chaos_point(ctx, msg, "decode");
+        }
+        decoded
+    }))
+    .unwrap_or_else(|payload| {
+        let why = panic_message(payload.as_ref());
+        tracing::error!(panic = %why, "the task message decoder panicked (a tori-worker bug); treating the message as malformed");
+        Err(DecodeError::Malformed(format!(
+            "the worker's decoder panicked on this message (a tori-worker bug): {why}"
+        )))
+    })
+}
+
+/// Panics at `point` if this message is a `tori.chaos.handler_panic` for
+/// that point and chaos tasks are enabled (tests only; see that task).
+pub(crate) fn chaos_point(ctx: &Ctx, msg: &TaskMessage, point: &str) {
+    if ctx.cfg.enable_chaos_tasks
+        && msg.task == HandlerPanic::NAME
+        && msg.args.first().and_then(Value::as_str) == Some(point)
+    {
+        panic!("chaos: handler panic requested at {point:?}");
+    }
+}
+
+/// Settles a message whose handler panicked (see the module doc). `serial`
+/// tells this delivery's in-flight entry from a later one of the same tag.
+pub(crate) async fn recover(
+    ctx: &Arc<Ctx>,
+    delivery: &Delivery,
+    tag: &str,
+    serial: u64,
+    payload: Box<dyn Any + Send>,
+) {
+    let why = panic_message(payload.as_ref());
+    let held = ctx.inflight.view(tag, |e| {
+        (e.serial == serial).then(|| (e.task_id.clone(), e.acked))
+    });
+    let Some(Some((task_id, acked))) = held else {
+        // Shutdown took it over (and puts it back); nothing is stranded.
+        tracing::error!(panic = %why, "handling this message panicked (a tori-worker bug); shutdown already put it back");
+        return;
+    };
+    if task_id.is_empty() {
+        // It panicked while dead-lettering an unreadable message.
+        tracing::error!(panic = %why, "handling a malformed message panicked (a tori-worker bug); dead-lettering it");
+        let reason = format!("malformed message, and its handling panicked: {why}");
+        if let Err(e) = ctx
+            .broker
+            .dead_letter(Some(tag), &delivery.queue, &delivery.raw, &reason)
+            .await
+        {
+            tracing::error!(error = %e, "could not dead-letter; the restore sweep will retry it");
+        }
+        return;
+    }
+    tracing::error!(panic = %why, acked, "handling this task's message panicked (a tori-worker bug); failing the task, the worker carries on");
+    match ctx.backend.state_of(&task_id).await {
+        Ok(Some(state)) if crate::backend::is_final(&state) => {
+            // It panicked after the outcome was stored: keep that outcome.
+            tracing::warn!(%state, "its final state was already stored; keeping it");
+            if !acked {
+                ack(ctx, tag).await;
+            }
+            return;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            // Storing would most likely fail too; unacked, the message is
+            // restored after the visibility timeout and handled again.
+            tracing::error!(error = %e, "cannot read its stored state; leaving the message to be restored");
+            return;
+        }
+    }
+    let exc = PyException::new(
+        "tori.exceptions",
+        "WorkerInternalError",
+        format!(
+            "tori-worker's own handling of this task's message panicked (a worker bug; please \
+             report it): {why}. The task was failed rather than run again, since the same \
+             message would most likely hit the same bug; the worker carried on."
+        ),
+    );
+    let mut doc = StateDoc::new(
+        &task_id,
+        State::Failure,
+        exception_value(&exc.module, &exc.name, &exc.args),
+    );
+    // The decoder did not panic on this message once (it was decoded to
+    // get here), but guard it anyway: this is the path of last resort.
+    let msg = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        TaskMessage::decode(&delivery.envelope).ok()
+    }))
+    .ok()
+    .flatten();
+    let settled = match &msg {
+        Some(msg) => {
+            doc.group_id = msg.group.clone();
+            doc.parent_id = msg.parent_id.clone();
+            let declared = ctx
+                .registry
+                .get(&msg.task)
+                .is_some_and(|t| t.options().ignore_result);
+            ctx.metrics.count(&msg.task, "failed");
+            record_final(ctx, msg, &doc, tag, !msg.ignores_result(declared), !acked).await
+        }
+        None => match ctx.backend.store(&doc).await {
+            Ok(_) => {
+                if !acked {
+                    ack(ctx, tag).await;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not store the FAILURE; leaving the message to be restored");
+                false
+            }
+        },
+    };
+    if settled {
+        ctx.events.task("task-failed", |ev| {
+            ev.field("uuid", &task_id)
+                .field("exception", &exc.repr())
+                .field("traceback", &format!("tori-worker internal error: {why}\n"));
+        });
+    }
+}
