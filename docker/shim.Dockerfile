@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # tori-shim (FastAPI) image; also runs Flower (same Celery version).
 # Build from the repository root:
 #   docker build -f docker/shim.Dockerfile -t tori-shim .

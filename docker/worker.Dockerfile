@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # tori-worker image. Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t tori-worker .
 # Stages: build (cargo, release binary) -> native (scripts/setup-native places
