@@ -118,6 +118,10 @@ pub(super) async fn dispatch(ctx: &Ctx, req: &Request) -> Option<Value> {
             }
             Err(e) => json!({"error": e}),
         },
+        // Fault injection for tests: a command whose handling panics.
+        "tori_chaos_panic" if ctx.cfg.enable_chaos_tasks => {
+            panic!("chaos: control command panic requested")
+        }
         other => json!({"error": format!("KeyError('{other}')")}),
     };
     Some(reply)

@@ -8,9 +8,10 @@
 
 mod commands;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{json, Map, Value};
 
 use crate::broker::keys;
@@ -197,7 +198,23 @@ async fn handle(ctx: &Ctx, payload: &[u8]) {
         return;
     }
     tracing::debug!(method = %req.method, "remote control request");
-    let reply = commands::dispatch(ctx, &req).await;
+    // As kombu's `Node.dispatch` turns an exception into `{"error":
+    // repr(exc)}`, a panic (a tori-worker bug) becomes an error reply,
+    // rather than a requester left waiting out its timeout.
+    let reply = match AssertUnwindSafe(commands::dispatch(ctx, &req))
+        .catch_unwind()
+        .await
+    {
+        Ok(reply) => reply,
+        Err(payload) => {
+            let why = crate::pool::threads::panic_message(payload.as_ref());
+            tracing::error!(method = %req.method, panic = %why, "remote control: the command panicked (a tori-worker bug)");
+            Some(json!({"error": format!(
+                "WorkerInternalError({})",
+                tasks::task::py_repr(&json!(format!("{} panicked: {why}", req.method)))
+            )}))
+        }
+    };
     if let (Some(ticket), Some((_, routing_key)), Some(value)) = (&req.ticket, &req.reply_to, reply)
     {
         if let Err(e) = send_reply(ctx, ticket, routing_key, value).await {

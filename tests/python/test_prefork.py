@@ -372,6 +372,24 @@ def test_a_handler_panic_after_the_result_is_stored_keeps_it(worker_factory, red
     assert w.alive()
 
 
+@pytest.mark.chaos
+@pytest.mark.timeout(60)
+def test_a_control_command_that_panics_replies_with_an_error(worker_factory, redis_server, app):
+    """As kombu turns a command's exception into ``{"error": repr(exc)}``, a
+    panic in tori's handling of a command (injected) is an error reply, not
+    a requester waiting out its timeout; remote control keeps working."""
+    w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS)
+    wait_for(lambda: app.control.ping(destination=[w.hostname], timeout=1.0), 15,
+             message="the worker never answered ping")
+    replies = app.control.broadcast("tori_chaos_panic", reply=True, timeout=2.0,
+                                    destination=[w.hostname])
+    assert len(replies) == 1 and w.hostname in replies[0], replies
+    error = replies[0][w.hostname]["error"]
+    assert error.startswith("WorkerInternalError(") and "panicked" in error, error
+    assert app.control.ping(destination=[w.hostname], timeout=2.0) == [{w.hostname: {"ok": "pong"}}]
+    assert w.alive()
+
+
 # --------------------------------------------------------------------------
 # 3. hard and soft time limits
 # --------------------------------------------------------------------------
