@@ -76,7 +76,19 @@ pub(crate) fn accept(
                 .catch_unwind()
                 .await;
             if let Err(payload) = handled {
-                handler_panic::recover(&ctx, &delivery, &tag, serial, payload).await;
+                // Settling may run the code that panicked again (a chord
+                // header's count); a second panic must not strand the
+                // message either. Its entry still goes below, so its lease
+                // is no longer renewed: a message not yet acked comes back
+                // after the visibility timeout (and is acked without
+                // running if a final state was stored by then).
+                let settled =
+                    AssertUnwindSafe(handler_panic::recover(&ctx, &delivery, &tag, serial, payload))
+                        .catch_unwind()
+                        .await;
+                if settled.is_err() {
+                    tracing::error!("settling a message whose handling panicked panicked too; it will be restored after the visibility timeout");
+                }
             }
             // A message abandoned because the worker is stopping stays in
             // the table: shutdown puts it back on its queue.
