@@ -13,8 +13,11 @@
 //! would most likely hit the same bug on every worker that takes it.
 //!
 //! Deliberately minimal: errbacks and the rest of a chain are not called
-//! (the code that calls them may be what panicked); a chord header is still
-//! counted, so its body is not left waiting.
+//! (the code that calls them may be what panicked). A chord header is still
+//! counted, with the FAILURE or with the state already stored, so its body
+//! is not left waiting; a job still running in a pool process is stopped,
+//! as `revoke(terminate=True)` stops one, since nothing would hear its
+//! outcome.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -24,6 +27,7 @@ use serde_json::Value;
 use tasks::chaos::HandlerPanic;
 use tasks::{PyException, Task};
 
+use super::inflight::Phase;
 use super::message::{ack, record_final};
 use super::Ctx;
 use crate::broker::Delivery;
@@ -63,6 +67,24 @@ pub(crate) fn chaos_point(ctx: &Ctx, msg: &TaskMessage, point: &str) {
     }
 }
 
+/// The final state stored for a task, read back as a document to count
+/// in its chord: `(state, result)` for SUCCESS, FAILURE or REVOKED.
+async fn stored_final(ctx: &Ctx, task_id: &str) -> Result<Option<StateDoc>, redis::RedisError> {
+    let doc = ctx
+        .backend
+        .read_doc(&ctx.backend.meta_key(task_id), "read result")
+        .await?;
+    let Some(doc) = doc else { return Ok(None) };
+    let state = match doc.get("status").and_then(Value::as_str) {
+        Some("SUCCESS") => State::Success,
+        Some("FAILURE") => State::Failure,
+        Some("REVOKED") => State::Revoked,
+        _ => return Ok(None),
+    };
+    let result = doc.get("result").cloned().unwrap_or(Value::Null);
+    Ok(Some(StateDoc::new(task_id, state, result)))
+}
+
 /// Settles a message whose handler panicked (see the module doc). `serial`
 /// tells this delivery's in-flight entry from a later one of the same tag.
 pub(crate) async fn recover(
@@ -74,11 +96,18 @@ pub(crate) async fn recover(
 ) {
     let why = panic_message(payload.as_ref());
     let held = ctx.inflight.view(tag, |e| {
-        (e.serial == serial).then(|| (e.task_id.clone(), e.acked))
+        (e.serial == serial && e.phase != Phase::Restored).then(|| {
+            (
+                e.task_id.clone(),
+                e.acked,
+                (e.phase == Phase::Active).then(|| e.terminate.clone()),
+            )
+        })
     });
-    let Some(Some((task_id, acked))) = held else {
-        // Shutdown took it over (and puts it back); nothing is stranded.
-        tracing::error!(panic = %why, "handling this message panicked (a tori-worker bug); shutdown already put it back");
+    let Some(Some((task_id, acked, running))) = held else {
+        // Shutdown already put it back on its queue (or a later delivery
+        // of the same tag replaced it): it is not ours to settle.
+        tracing::error!(panic = %why, "handling this message panicked (a tori-worker bug); it was already put back");
         return;
     };
     if task_id.is_empty() {
@@ -95,20 +124,40 @@ pub(crate) async fn recover(
         return;
     }
     tracing::error!(panic = %why, acked, "handling this task's message panicked (a tori-worker bug); failing the task, the worker carries on");
-    match ctx.backend.state_of(&task_id).await {
-        Ok(Some(state)) if crate::backend::is_final(&state) => {
-            // It panicked after the outcome was stored: keep that outcome.
-            tracing::warn!(%state, "its final state was already stored; keeping it");
+    if let Some(terminate) = running {
+        // Its pool process may still be running it, with nobody left to
+        // hear the outcome: stop it, as `revoke(terminate=True)` does.
+        terminate.notify_one();
+    }
+    // The decoder did not panic on this message once (it was decoded to
+    // get here), but guard it anyway: this is the path of last resort.
+    let msg = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        TaskMessage::decode(&delivery.envelope).ok()
+    }))
+    .ok()
+    .flatten();
+    match stored_final(ctx, &task_id).await {
+        Ok(Some(stored)) => {
+            // It panicked after the outcome was stored: keep that outcome,
+            // and count it in its chord in case the panic came before
+            // that (the count takes a task once, so a second is harmless).
+            tracing::warn!(
+                state = stored.state.as_str(),
+                "its final state was already stored; keeping it"
+            );
+            if let Some((msg, body)) = msg.as_ref().and_then(|m| Some((m, m.chord.as_ref()?))) {
+                super::chord::part_return(ctx, msg, &stored, body).await;
+            }
             if !acked {
                 ack(ctx, tag).await;
             }
             return;
         }
-        Ok(_) => {}
+        Ok(None) => {}
         Err(e) => {
-            // Storing would most likely fail too; unacked, the message is
-            // restored after the visibility timeout and handled again.
-            tracing::error!(error = %e, "cannot read its stored state; leaving the message to be restored");
+            // Storing would most likely fail too; a message not yet acked
+            // is restored after the visibility timeout and handled again.
+            tracing::error!(error = %e, "cannot read its stored state; leaving it unsettled");
             return;
         }
     }
@@ -126,13 +175,6 @@ pub(crate) async fn recover(
         State::Failure,
         exception_value(&exc.module, &exc.name, &exc.args),
     );
-    // The decoder did not panic on this message once (it was decoded to
-    // get here), but guard it anyway: this is the path of last resort.
-    let msg = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        TaskMessage::decode(&delivery.envelope).ok()
-    }))
-    .ok()
-    .flatten();
     let settled = match &msg {
         Some(msg) => {
             doc.group_id = msg.group.clone();
@@ -141,7 +183,6 @@ pub(crate) async fn recover(
                 .registry
                 .get(&msg.task)
                 .is_some_and(|t| t.options().ignore_result);
-            ctx.metrics.count(&msg.task, "failed");
             record_final(ctx, msg, &doc, tag, !msg.ignores_result(declared), !acked).await
         }
         None => match ctx.backend.store(&doc).await {
@@ -152,12 +193,15 @@ pub(crate) async fn recover(
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, "could not store the FAILURE; leaving the message to be restored");
+                tracing::error!(error = %e, "could not store the FAILURE; leaving it unsettled");
                 false
             }
         },
     };
     if settled {
+        if let Some(msg) = &msg {
+            ctx.metrics.count(&msg.task, "failed");
+        }
         ctx.events.task("task-failed", |ev| {
             ev.field("uuid", &task_id)
                 .field("exception", &exc.repr())

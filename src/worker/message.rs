@@ -87,7 +87,7 @@ pub(crate) fn accept(
                         .catch_unwind()
                         .await;
                 if settled.is_err() {
-                    tracing::error!("settling a message whose handling panicked panicked too; it will be restored after the visibility timeout");
+                    tracing::error!("settling a message whose handling panicked panicked too; if it was not acked yet, it comes back after the visibility timeout");
                 }
             }
             // A message abandoned because the worker is stopping stays in

@@ -367,7 +367,6 @@ fn spawn_supervised<Fut>(
     let ctx = ctx.clone();
     tracker.spawn(supervise::supervise(
         name,
-        ctx.stop.clone(),
         Duration::from_secs(1),
         move || start(ctx.clone()),
     ));

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 from billiard.exceptions import WorkerLostError
+from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from test_foundation import echo_result, queued_task_ids, statuses, wait_unacked_empty
@@ -353,6 +354,8 @@ def test_a_handler_panic_fails_its_task_and_strands_nothing(worker_factory, redi
     assert active_task_ids(app, w.hostname) == []
     assert w.alive()
     assert app.send_task("tori.echo", args=["after"]).get(timeout=15) == echo_result("after")
+    log = w.log_text()
+    assert "handling this task's message panicked" in log and "decoder panicked" in log, w.tail()
 
 
 @pytest.mark.chaos
@@ -361,14 +364,20 @@ def test_a_handler_panic_after_the_result_is_stored_keeps_it(worker_factory, red
                                                              redis_client):
     """Acking late, the panic comes after SUCCESS is stored and before the
     ack: the stored outcome stands and the message is acked (not redelivered
-    to run again)."""
+    to run again). A chord header that panics there is still counted, so
+    its body runs."""
     w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS, "--acks-late")
     r = app.send_task(HANDLER_PANIC, args=["stored"])
     assert r.get(timeout=30) == "stored"
+    body = chord([app.signature(HANDLER_PANIC, args=["stored"]),
+                  app.signature("tori.echo", args=[2])])(app.signature("tori.echo"))
+    header_results = body.get(timeout=30)["args"][0]
+    assert header_results == ["stored", echo_result(2)], header_results
     wait_unacked_empty(redis_client)
     assert active_task_ids(app, w.hostname) == []
     assert app.send_task("tori.echo", args=[1]).get(timeout=15) == echo_result(1)
     assert read_meta(redis_client, r.id)["status"] == "SUCCESS"
+    assert w.log_text().count("its final state was already stored") == 2, w.tail()
     assert w.alive()
 
 
