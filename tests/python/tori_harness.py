@@ -41,13 +41,22 @@ def tori_bin() -> str:
 # small utilities
 # --------------------------------------------------------------------------
 
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (never 6379)."""
-    for _ in range(50):
+    """A currently free TCP port on 127.0.0.1 (never 6379), and never one
+    handed out before in this process: kombu keeps producer connections in
+    a process-wide pool keyed by broker URL (``kombu.pools``), so a later
+    test whose redis-server got an earlier test's port would be handed that
+    dead server's connection ("Connection closed by server"; seen once in
+    CI)."""
+    for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port != 6379:
+        if port != 6379 and port not in _ports_handed_out:
+            _ports_handed_out.add(port)
             return port
     raise RuntimeError("could not find a free port")
 
