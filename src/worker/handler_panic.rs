@@ -57,12 +57,14 @@ pub(crate) fn decode(ctx: &Ctx, envelope: &Envelope) -> Result<TaskMessage, Deco
 }
 
 /// Panics at `point` if this message is a `tori.chaos.handler_panic` for
-/// that point and chaos tasks are enabled (tests only; see that task).
+/// that point and chaos tasks are enabled (tests only; see that task). A
+/// `settle` message panics at `received` and again in [`recover`].
 pub(crate) fn chaos_point(ctx: &Ctx, msg: &TaskMessage, point: &str) {
-    if ctx.cfg.enable_chaos_tasks
-        && msg.task == HandlerPanic::NAME
-        && msg.args.first().and_then(Value::as_str) == Some(point)
-    {
+    if !ctx.cfg.enable_chaos_tasks || msg.task != HandlerPanic::NAME {
+        return;
+    }
+    let asked = msg.args.first().and_then(Value::as_str);
+    if asked == Some(point) || (asked == Some("settle") && point == "received") {
         panic!("chaos: handler panic requested at {point:?}");
     }
 }
@@ -136,6 +138,9 @@ pub(crate) async fn recover(
     }))
     .ok()
     .flatten();
+    if let Some(msg) = &msg {
+        chaos_point(ctx, msg, "settle");
+    }
     match stored_final(ctx, &task_id).await {
         Ok(Some(stored)) => {
             // It panicked after the outcome was stored: keep that outcome,

@@ -535,7 +535,10 @@ async fn run(
         tokio::select! {
             biased;
             done = &mut running => break done,
-            Some(meta) = progress_rx.recv() => write_progress(meta).await,
+            Some(meta) = progress_rx.recv() => {
+                write_progress(meta).await;
+                handler_panic::chaos_point(ctx, &msg, "running");
+            }
         }
     };
     let runtime = started.elapsed();

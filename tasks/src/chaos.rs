@@ -215,9 +215,20 @@ pub struct HandlerPanic;
 
 impl HandlerPanic {
     /// Where the handler panics: while reading the message (`decode`),
-    /// once it is accepted and before it runs (`received`), or after its
-    /// final state is stored and before its message is acked (`stored`).
-    pub const POINTS: &'static [&'static str] = &["decode", "received", "stored"];
+    /// once it is accepted and before it runs (`received`), while its job
+    /// runs (`running`: the job reports progress, the handler panics once
+    /// it has stored it, and the job then sleeps a minute without checking
+    /// for cancellation, so only stopping its process ends it sooner), after
+    /// its final state is stored and before its message is acked (`stored`),
+    /// or at `received` and then again while the panic is being settled
+    /// (`settle`).
+    pub const POINTS: &'static [&'static str] =
+        &["decode", "received", "running", "stored", "settle"];
+
+    /// How long a `running` job sleeps: far longer than any test waits for
+    /// the outcome, so a test that sees the process free again knows the
+    /// job was stopped, not finished.
+    pub const RUNNING_SLEEP: Duration = Duration::from_secs(60);
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,7 +242,11 @@ impl Task for HandlerPanic {
     type Args = HandlerPanicArgs;
     type Output = String;
 
-    fn run(&self, _ctx: &TaskContext<'_>, args: HandlerPanicArgs) -> Result<String, TaskError> {
+    fn run(&self, ctx: &TaskContext<'_>, args: HandlerPanicArgs) -> Result<String, TaskError> {
+        if args.point == "running" {
+            ctx.report_progress(serde_json::json!({ "point": "running" }));
+            std::thread::sleep(Self::RUNNING_SLEEP);
+        }
         Ok(args.point)
     }
 }

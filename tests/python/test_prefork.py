@@ -382,6 +382,58 @@ def test_a_handler_panic_after_the_result_is_stored_keeps_it(worker_factory, red
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(90)
+def test_a_handler_panic_while_its_job_runs_stops_the_job(worker_factory, redis_server, app,
+                                                          redis_client):
+    """The handler panics while its job runs in a pool process (injected:
+    the job reports progress, the handler panics once it stored it). Nobody
+    is left to hear that job's outcome, so its process is stopped, as
+    ``revoke(terminate=True)`` stops one, and replaced: with one process, a
+    task sent next runs at once instead of behind the job's minute-long
+    sleep."""
+    w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS)
+    inspector = app.control.inspect(destination=[w.hostname], timeout=2.0)
+    wait_for(lambda: inspector.stats(), 15, message="the worker never answered stats")
+    [before] = [p for p in inspector.stats()[w.hostname]["pool"]["processes"]]
+    r = app.send_task(HANDLER_PANIC, args=["running"])
+    r.get(timeout=20, propagate=False)
+    t, m, msg = failure_info(redis_client, r.id)
+    assert (t, m) == ("WorkerInternalError", "tori.exceptions"), (t, m, msg)
+    assert "panicked" in msg and '"running"' in msg, msg
+    # Far sooner than the job's own sleep would end.
+    assert app.send_task("tori.echo", args=[1]).get(timeout=15) == echo_result(1)
+    wait_for(lambda: inspector.stats()[w.hostname]["pool"]["processes"] not in ([], [before]), 10,
+             message=lambda: f"pool processes {inspector.stats()[w.hostname]['pool']['processes']}, "
+                             f"before {before}")
+    wait_unacked_empty(redis_client)
+    assert active_task_ids(app, w.hostname) == []
+    assert "handling this task's message panicked" in w.log_text(), w.tail()
+    assert w.alive()
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(90)
+def test_a_second_panic_while_settling_still_strands_nothing(worker_factory, redis_server, app,
+                                                             redis_client):
+    """The handler panics before the message is acked, and settling that
+    panic panics too (injected). The message is still not stranded: its
+    in-flight entry goes, so its lease is no longer renewed, and it comes
+    back after the visibility timeout (here to panic again: the log shows
+    each round). Nothing is stored for it, and the worker carries on."""
+    w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS,
+                       "--visibility-timeout", "2", "--restore-interval", "1")
+    r = app.send_task(HANDLER_PANIC, args=["settle"])
+    second = "settling a message whose handling panicked panicked too"
+    wait_for(lambda: w.log_text().count(second) >= 1, 15, message=w.tail)
+    assert active_task_ids(app, w.hostname) == []
+    # Back after the visibility timeout: fetched and handled once more.
+    wait_for(lambda: w.log_text().count(second) >= 2, 20, message=w.tail)
+    assert read_meta(redis_client, r.id) is None
+    assert app.send_task("tori.echo", args=[1]).get(timeout=15) == echo_result(1)
+    assert w.alive()
+
+
+@pytest.mark.chaos
 @pytest.mark.timeout(60)
 def test_a_control_command_that_panics_replies_with_an_error(worker_factory, redis_server, app):
     """As kombu turns a command's exception into ``{"error": repr(exc)}``, a
