@@ -110,6 +110,25 @@ impl ResultBackend {
         Ok(doc.and_then(|d| d.get("status")?.as_str().map(str::to_owned)))
     }
 
+    /// The final state stored for a task (SUCCESS, FAILURE or REVOKED) as a
+    /// document with its result, e.g. to count it in its chord; `None`
+    /// while it has none.
+    pub async fn final_doc(&self, task_id: &str) -> Result<Option<StateDoc>, RedisError> {
+        let doc = self
+            .read_doc(&self.meta_key(task_id), "read result")
+            .await?;
+        let Some(doc) = doc else { return Ok(None) };
+        let state = doc
+            .get("status")
+            .and_then(Value::as_str)
+            .and_then(State::from_name)
+            .filter(|s| s.is_ready());
+        Ok(state.map(|state| {
+            let result = doc.get("result").cloned().unwrap_or(Value::Null);
+            StateDoc::new(task_id, state, result)
+        }))
+    }
+
     /// The JSON document stored at `key` (a result or a saved group),
     /// retrying while Redis is away; `None` when absent or not JSON.
     pub(crate) async fn read_doc(

@@ -28,6 +28,20 @@ impl State {
         }
     }
 
+    /// The state a stored document names, if it is one a worker writes.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Self::Started,
+            Self::Progress,
+            Self::Success,
+            Self::Failure,
+            Self::Retry,
+            Self::Revoked,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
     /// Ready states get a `date_done` and end `AsyncResult.get()`.
     pub fn is_ready(self) -> bool {
         matches!(self, Self::Success | Self::Failure | Self::Revoked)
@@ -144,6 +158,17 @@ pub fn child_ref(task_id: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_read_back() {
+        for name in [
+            "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED",
+        ] {
+            assert_eq!(State::from_name(name).map(State::as_str), Some(name));
+        }
+        assert_eq!(State::from_name("PENDING"), None);
+        assert_eq!(State::from_name("success"), None);
+    }
 
     #[test]
     fn exception_dicts_read_back() {

@@ -69,24 +69,6 @@ pub(crate) fn chaos_point(ctx: &Ctx, msg: &TaskMessage, point: &str) {
     }
 }
 
-/// The final state stored for a task, read back as a document to count
-/// in its chord: `(state, result)` for SUCCESS, FAILURE or REVOKED.
-async fn stored_final(ctx: &Ctx, task_id: &str) -> Result<Option<StateDoc>, redis::RedisError> {
-    let doc = ctx
-        .backend
-        .read_doc(&ctx.backend.meta_key(task_id), "read result")
-        .await?;
-    let Some(doc) = doc else { return Ok(None) };
-    let state = match doc.get("status").and_then(Value::as_str) {
-        Some("SUCCESS") => State::Success,
-        Some("FAILURE") => State::Failure,
-        Some("REVOKED") => State::Revoked,
-        _ => return Ok(None),
-    };
-    let result = doc.get("result").cloned().unwrap_or(Value::Null);
-    Ok(Some(StateDoc::new(task_id, state, result)))
-}
-
 /// Settles a message whose handler panicked (see the module doc). `serial`
 /// tells this delivery's in-flight entry from a later one of the same tag.
 pub(crate) async fn recover(
@@ -141,7 +123,7 @@ pub(crate) async fn recover(
     if let Some(msg) = &msg {
         chaos_point(ctx, msg, "settle");
     }
-    match stored_final(ctx, &task_id).await {
+    match ctx.backend.final_doc(&task_id).await {
         Ok(Some(stored)) => {
             // It panicked after the outcome was stored: keep that outcome,
             // and count it in its chord in case the panic came before
