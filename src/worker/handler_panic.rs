@@ -28,7 +28,7 @@ use tasks::chaos::HandlerPanic;
 use tasks::{PyException, Task};
 
 use super::inflight::Phase;
-use super::message::{ack, record_final};
+use super::message::{ack, record_final, store_then_ack_unless_acked};
 use super::Ctx;
 use crate::broker::Delivery;
 use crate::pool::threads::panic_message;
@@ -172,18 +172,7 @@ pub(crate) async fn recover(
                 .is_some_and(|t| t.options().ignore_result);
             record_final(ctx, msg, &doc, tag, !msg.ignores_result(declared), !acked).await
         }
-        None => match ctx.backend.store(&doc).await {
-            Ok(_) => {
-                if !acked {
-                    ack(ctx, tag).await;
-                }
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not store the FAILURE; leaving it unsettled");
-                false
-            }
-        },
+        None => store_then_ack_unless_acked(ctx, &doc, tag, acked).await,
     };
     if settled {
         if let Some(msg) = &msg {

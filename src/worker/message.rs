@@ -256,11 +256,29 @@ pub(crate) async fn record_final(
 /// Stores a document and acknowledges; if Redis refuses for good, the
 /// message stays unacked and is restored later rather than lost.
 pub(crate) async fn store_then_ack(ctx: &Ctx, doc: &StateDoc, tag: &str) {
+    store_then_ack_unless_acked(ctx, doc, tag, false).await;
+}
+
+/// [`store_then_ack`] for a message that may already be acked (then only
+/// the store); whether the state was stored.
+pub(crate) async fn store_then_ack_unless_acked(
+    ctx: &Ctx,
+    doc: &StateDoc,
+    tag: &str,
+    acked: bool,
+) -> bool {
     if let Err(e) = ctx.backend.store(doc).await {
-        tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");
-        return;
+        if acked {
+            tracing::error!(error = %e, "could not store the result");
+        } else {
+            tracing::error!(error = %e, "could not store the result; leaving the message unacked for redelivery");
+        }
+        return false;
     }
-    ack(ctx, tag).await;
+    if !acked {
+        ack(ctx, tag).await;
+    }
+    true
 }
 
 pub(crate) async fn ack(ctx: &Ctx, tag: &str) {
