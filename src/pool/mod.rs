@@ -37,6 +37,10 @@ pub struct Job {
     pub terminate_signal: Arc<std::sync::atomic::AtomicI32>,
     /// The pool writes the pid of the process running it here.
     pub pid: Arc<std::sync::atomic::AtomicU32>,
+    /// Told that pid once the job is in its process, for when `run` could
+    /// not write it at once (a prefork process still being replaced), so
+    /// that STARTED names the process that runs the job.
+    pub handed_to: Option<oneshot::Sender<u32>>,
 }
 
 impl std::fmt::Debug for Job {

@@ -359,7 +359,7 @@ async fn supervise(
         tracing::info!(child = index, pid = running.pid, "pool process ready");
         let mut served: u64 = 0;
         loop {
-            let dispatch = match pending.take() {
+            let mut dispatch = match pending.take() {
                 Some(d) => d,
                 None => tokio::select! {
                     d = jobs.recv() => match d {
@@ -414,6 +414,9 @@ async fn supervise(
                 .job
                 .pid
                 .store(running.pid, std::sync::atomic::Ordering::Relaxed);
+            if let Some(handed_to) = dispatch.job.handed_to.take() {
+                let _ = handed_to.send(running.pid);
+            }
             let end = watch_job(&cfg, &mut running, &dispatch.job, &shared.abort).await;
             dispatch
                 .job

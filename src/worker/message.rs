@@ -494,7 +494,7 @@ async fn run(
             }
         }
     };
-    let job = Job {
+    let mut job = Job {
         task,
         id: msg.id.clone(),
         name: msg.task.clone(),
@@ -508,7 +508,14 @@ async fn run(
         terminate,
         terminate_signal,
         pid: worker_pid.clone(),
+        handed_to: None,
     };
+    let write_started = ctx.cfg.track_started && !msg.ignores_result(options.ignore_result);
+    let handed_to = write_started.then(|| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        job.handed_to = Some(tx);
+        rx
+    });
     ctx.inflight.set_started(tag, epoch());
     tracing::info!("task started");
     ctx.events.task("task-started", |ev| {
@@ -518,20 +525,24 @@ async fn run(
     let running = ctx.pool.run(slot, job);
     // STARTED names the process the pool handed the job to (Celery's pool
     // process writes its own pid), so it is written once that is known;
-    // still before the final state, which this handler writes later. A
-    // process being replaced has no pid yet: then the worker's own.
-    if ctx.cfg.track_started && !msg.ignores_result(options.ignore_result) {
+    // still before the final state, which this handler writes later. The
+    // pool writes the pid at once, unless the process is being replaced:
+    // then it is told when the new one has the job. A job that never
+    // reaches a process (the pool closing) gets no STARTED.
+    if let Some(handed_to) = handed_to {
         let pid = match worker_pid.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => std::process::id(),
-            pid => pid,
+            0 => handed_to.await.ok(),
+            pid => Some(pid),
         };
-        let doc = StateDoc::new(
-            &msg.id,
-            State::Started,
-            json!({"pid": pid, "hostname": ctx.cfg.node_name}),
-        );
-        if let Err(e) = ctx.backend.store(&doc).await {
-            tracing::warn!(error = %e, "could not store STARTED");
+        if let Some(pid) = pid {
+            let doc = StateDoc::new(
+                &msg.id,
+                State::Started,
+                json!({"pid": pid, "hostname": ctx.cfg.node_name}),
+            );
+            if let Err(e) = ctx.backend.store(&doc).await {
+                tracing::warn!(error = %e, "could not store STARTED");
+            }
         }
     }
     // An early ack goes out while the pool process runs the job, as Celery

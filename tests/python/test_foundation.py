@@ -504,6 +504,27 @@ def test_started_names_the_process_running_the_task(worker_factory, redis_server
         assert r.get(timeout=15) == 2
 
 
+def test_started_names_a_process_that_replaced_another(worker_factory, redis_server, app,
+                                                      redis_client):
+    """With one task per process, each job goes to a process started for
+    it, often still starting when the job is handed over: STARTED waits
+    for that process and names it, never the worker's own pid."""
+    w = worker_factory(redis_server.url(), "--track-started", "--concurrency", "1",
+                       "--max-tasks-per-child", "1")
+    running = [app.send_task("tori.sleep", args=[0.5]) for _ in range(4)]
+    started_pids = []
+    for r in running:
+        wait_for(lambda: (read_meta(redis_client, r.id) or {}).get("status") in ("STARTED", "SUCCESS"),
+                 20, message=lambda: f"state {r.state}")
+        meta = read_meta(redis_client, r.id)
+        assert meta["status"] == "STARTED", f"STARTED not seen before {meta['status']}"
+        started_pids.append(meta["result"]["pid"])
+        assert r.get(timeout=15) == 0.5
+    assert w.pid not in started_pids, (w.pid, started_pids)
+    # A new process for each task, so four different pids.
+    assert len(set(started_pids)) == 4, started_pids
+
+
 def test_result_extended_and_hostname(worker_factory, redis_server, app, redis_client):
     worker_factory(redis_server.url(), "--result-extended", hostname="ext-node@tests")
     r = app.send_task("tori.echo", args=[1, "x"], kwargs={"k": "v"})
