@@ -111,8 +111,8 @@ impl ResultBackend {
     }
 
     /// The final state stored for a task (SUCCESS, FAILURE or REVOKED) as a
-    /// document with its result, e.g. to count it in its chord; `None`
-    /// while it has none.
+    /// document with its result and traceback, e.g. to count it in its
+    /// chord; `None` while it has none.
     pub async fn final_doc(&self, task_id: &str) -> Result<Option<StateDoc>, RedisError> {
         let doc = self
             .read_doc(&self.meta_key(task_id), "read result")
@@ -125,7 +125,12 @@ impl ResultBackend {
             .filter(|s| s.is_ready());
         Ok(state.map(|state| {
             let result = doc.get("result").cloned().unwrap_or(Value::Null);
-            StateDoc::new(task_id, state, result)
+            let mut stored = StateDoc::new(task_id, state, result);
+            stored.traceback = doc
+                .get("traceback")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            stored
         }))
     }
 

@@ -10,7 +10,8 @@
 //! message, and visibly: the task's FAILURE is stored (`WorkerInternalError`
 //! naming the panic) unless a final state already was, and the message is
 //! acked. It is failed rather than handed back because the same message
-//! would most likely hit the same bug on every worker that takes it.
+//! would most likely hit the same bug on every worker that takes it. A
+//! final state stored before the panic stands, and its event is sent.
 //!
 //! Deliberately minimal: errbacks and the rest of a chain are not called
 //! (the code that calls them may be what panicked). A chord header is still
@@ -29,10 +30,11 @@ use tasks::{PyException, Task};
 
 use super::inflight::Phase;
 use super::message::{ack, record_final, store_then_ack_unless_acked};
+use super::outcome::result_repr;
 use super::Ctx;
 use crate::broker::Delivery;
 use crate::pool::threads::panic_message;
-use crate::protocol::result::exception_value;
+use crate::protocol::result::{exception_from_value, exception_value};
 use crate::protocol::{DecodeError, Envelope, State, StateDoc, TaskMessage};
 
 /// Reads a task message, turning a panic of the decoder into a malformed
@@ -66,6 +68,39 @@ pub(crate) fn chaos_point(ctx: &Ctx, msg: &TaskMessage, point: &str) {
     let asked = msg.args.first().and_then(Value::as_str);
     if asked == Some(point) || (asked == Some("settle") && point == "received") {
         panic!("chaos: handler panic requested at {point:?}");
+    }
+}
+
+/// Sends the event of a final state stored before the panic. Events
+/// follow the store, so it may never have been sent, and without it a
+/// monitor shows the task running for ever; if it was sent, the repeat
+/// only states the same outcome again. The runtime died with the handler
+/// that measured it, so `task-succeeded` has none.
+fn announce_stored(ctx: &Ctx, stored: &StateDoc) {
+    let id = &stored.task_id;
+    match stored.state {
+        State::Success => ctx.events.task("task-succeeded", |ev| {
+            ev.field("uuid", id)
+                .field("result", &result_repr(&stored.result));
+        }),
+        State::Failure => {
+            let exception = exception_from_value(&stored.result)
+                .map(|e| e.repr())
+                .unwrap_or_else(|| result_repr(&stored.result));
+            let traceback = stored.traceback.clone().unwrap_or_default();
+            ctx.events.task("task-failed", |ev| {
+                ev.field("uuid", id)
+                    .field("exception", &exception)
+                    .field("traceback", &traceback);
+            });
+        }
+        State::Revoked => ctx.events.task("task-revoked", |ev| {
+            ev.field("uuid", id)
+                .field("terminated", &false)
+                .field("signum", &Value::Null)
+                .field("expired", &false);
+        }),
+        _ => {}
     }
 }
 
@@ -138,6 +173,7 @@ pub(crate) async fn recover(
             if !acked {
                 ack(ctx, tag).await;
             }
+            announce_stored(ctx, &stored);
             return;
         }
         Ok(None) => {}

@@ -248,7 +248,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             children.push(expansion.child);
         }
     }
-    let shown = truncate(&py_repr(&value), RESULT_REPR_MAX);
+    let shown = result_repr(&value);
     tracing::info!(runtime = secs, result = %shown, "task succeeded");
     ctx.metrics.count(&f.msg.task, "succeeded");
     if f.ignore_result() && f.msg.chord.is_none() {
@@ -647,6 +647,11 @@ async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
 /// Characters of a result's repr in the task-succeeded event and the log
 /// line (Celery's `resultrepr_maxsize` default).
 const RESULT_REPR_MAX: usize = 1024;
+
+/// A result as `task-succeeded` and the log show it.
+pub(crate) fn result_repr(value: &Value) -> String {
+    truncate(&py_repr(value), RESULT_REPR_MAX)
+}
 
 fn truncate(s: &str, max: usize) -> String {
     if s.chars().count() <= max {

@@ -364,11 +364,21 @@ def test_a_handler_panic_after_the_result_is_stored_keeps_it(worker_factory, red
                                                              redis_client):
     """Acking late, the panic comes after SUCCESS is stored and before the
     ack: the stored outcome stands and the message is acked (not redelivered
-    to run again). A chord header that panics there is still counted, so
-    its body runs."""
-    w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS, "--acks-late")
-    r = app.send_task(HANDLER_PANIC, args=["stored"])
-    assert r.get(timeout=30) == "stored"
+    to run again), and monitors still hear of it (the event follows the
+    store, so the panic came before it). A chord header that panics there
+    is still counted, so its body runs."""
+    w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS, "--acks-late", "-E")
+    events = EventLog(app)
+    try:
+        r = app.send_task(HANDLER_PANIC, args=["stored"])
+        assert r.get(timeout=30) == "stored"
+        wait_for(lambda: events.types(r.id) == ["task-received", "task-started", "task-succeeded"],
+                 10, message=lambda: f"events {events.types(r.id)}")
+        [succeeded] = [e for e in events.events
+                       if e.get("uuid") == r.id and e["type"] == "task-succeeded"]
+        assert succeeded["result"] == "'stored'", succeeded
+    finally:
+        events.close()
     body = chord([app.signature(HANDLER_PANIC, args=["stored"]),
                   app.signature("tori.echo", args=[2])])(app.signature("tori.echo"))
     header_results = body.get(timeout=30)["args"][0]
