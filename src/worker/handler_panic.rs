@@ -13,24 +13,28 @@
 //! would most likely hit the same bug on every worker that takes it. A
 //! final state stored before the panic stands, and its event is sent.
 //!
-//! Deliberately minimal: errbacks and the rest of a chain are not called
-//! (the code that calls them may be what panicked). A chord header is still
-//! counted, with the FAILURE or with the state already stored, so its body
-//! is not left waiting; a job still running in a pool process is stopped,
-//! as `revoke(terminate=True)` stops one, since nothing would hear its
-//! outcome.
+//! The FAILURE is settled as any failure is: counted in its chord, the
+//! rest of its chain failed, its errbacks called, so nothing downstream
+//! waits for ever. If that is the code that panicked, the second panic is
+//! caught too (see `message::accept`) and the stored FAILURE stands. A
+//! final state stored before the panic is still counted in its chord (the
+//! count takes a task once) but nothing else is redone for it. A job still
+//! running in a pool process is stopped, as `revoke(terminate=True)` stops
+//! one, since nothing would hear its outcome.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tasks::chaos::HandlerPanic;
 use tasks::{PyException, Task};
 
 use super::inflight::Phase;
-use super::message::{ack, record_final, store_then_ack_unless_acked};
+use super::message::{ack, store_then_ack_unless_acked};
 use super::outcome::result_repr;
+use super::outcome::{settle_failure, Finish};
 use super::Ctx;
 use crate::broker::Delivery;
 use crate::pool::threads::panic_message;
@@ -193,22 +197,38 @@ pub(crate) async fn recover(
              message would most likely hit the same bug; the worker carried on."
         ),
     );
-    let mut doc = StateDoc::new(
-        &task_id,
-        State::Failure,
-        exception_value(&exc.module, &exc.name, &exc.args),
-    );
+    let failure = exception_value(&exc.module, &exc.name, &exc.args);
+    let traceback = format!("tori-worker internal error: {why}\n");
     let settled = match &msg {
         Some(msg) => {
-            doc.group_id = msg.group.clone();
-            doc.parent_id = msg.parent_id.clone();
-            let declared = ctx
+            // Settled as any failure is, in Celery's order: stored and
+            // counted in its chord, the rest of its chain failed, the
+            // errbacks called, then acked. Should that panic as well, the
+            // FAILURE is stored by then, so the message that comes back
+            // after the visibility timeout is acked without running.
+            let options = ctx
                 .registry
                 .get(&msg.task)
-                .is_some_and(|t| t.options().ignore_result);
-            record_final(ctx, msg, &doc, tag, !msg.ignores_result(declared), !acked).await
+                .map(|t| t.options())
+                .unwrap_or_default();
+            let f = Finish {
+                delivery,
+                tag,
+                msg,
+                options: &options,
+                acks_late: !acked,
+                runtime: Duration::ZERO,
+                soft_limit: None,
+            };
+            let mut doc = f.doc(ctx, State::Failure, failure);
+            doc.traceback = Some(traceback.clone());
+            settle_failure(ctx, &f, &doc, !acked).await
         }
-        None => store_then_ack_unless_acked(ctx, &doc, tag, acked).await,
+        None => {
+            let mut doc = StateDoc::new(&task_id, State::Failure, failure);
+            doc.traceback = Some(traceback.clone());
+            store_then_ack_unless_acked(ctx, &doc, tag, acked).await
+        }
     };
     if settled {
         if let Some(msg) = &msg {
@@ -217,7 +237,7 @@ pub(crate) async fn recover(
         ctx.events.task("task-failed", |ev| {
             ev.field("uuid", &task_id)
                 .field("exception", &exc.repr())
-                .field("traceback", &format!("tori-worker internal error: {why}\n"));
+                .field("traceback", &traceback);
         });
     }
 }

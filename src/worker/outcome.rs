@@ -36,7 +36,7 @@ pub(crate) struct Finish<'a> {
 }
 
 impl Finish<'_> {
-    fn doc(&self, ctx: &Ctx, state: State, result: Value) -> StateDoc {
+    pub(crate) fn doc(&self, ctx: &Ctx, state: State, result: Value) -> StateDoc {
         let mut doc = StateDoc::new(&self.msg.id, state, result);
         doc.group_id = self.msg.group.clone();
         doc.parent_id = self.msg.parent_id.clone();
@@ -430,7 +430,12 @@ pub(crate) async fn call_errbacks(ctx: &Ctx, errbacks: &[Value], failed_id: &str
 /// then the errbacks (an old-style errback gets the task id to look the
 /// failure up, so it must already be there); acked last when acking late.
 /// Returns false, leaving the message unacked, if the store failed.
-async fn settle_failure(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc, ack_now: bool) -> bool {
+pub(crate) async fn settle_failure(
+    ctx: &Ctx,
+    f: &Finish<'_>,
+    doc: &StateDoc,
+    ack_now: bool,
+) -> bool {
     if !record_final(ctx, f.msg, doc, f.tag, !f.ignore_result(), false).await {
         return false;
     }

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 from billiard.exceptions import WorkerLostError
-from celery import chord
+from celery import chain, chord
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from test_foundation import echo_result, queued_task_ids, statuses, wait_unacked_empty
@@ -356,6 +356,31 @@ def test_a_handler_panic_fails_its_task_and_strands_nothing(worker_factory, redi
     assert app.send_task("tori.echo", args=["after"]).get(timeout=15) == echo_result("after")
     log = w.log_text()
     assert "handling this task's message panicked" in log and "decoder panicked" in log, w.tail()
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(60)
+def test_a_handler_panic_fails_the_rest_of_its_chain_and_calls_its_errbacks(
+        worker_factory, redis_server, app, redis_client):
+    """The recovered FAILURE is settled as any failure is (Celery's
+    ``mark_as_failure``): the rest of the chain fails with it and the
+    errback is called with the failed task's id, so nothing downstream
+    waits for ever."""
+    worker_factory(redis_server.url(), "--concurrency", "1", CHAOS)
+    eb_id = f"errback-{os.getpid()}-{time.monotonic_ns()}"
+    errback = app.signature("tori.echo", args=["eb"]).set(task_id=eb_id)
+    res = chain(app.signature(HANDLER_PANIC, args=["received"]).set(link_error=errback),
+                app.signature("tori.echo", args=["never"])).apply_async()
+    first = res.parent
+    assert app.AsyncResult(eb_id).get(timeout=30) == echo_result(first.id, "eb")
+    first.get(timeout=10, propagate=False)
+    t, m, _ = failure_info(redis_client, first.id)
+    assert (t, m) == ("WorkerInternalError", "tori.exceptions")
+    assert read_meta(redis_client, first.id)["traceback"].startswith("tori-worker internal error")
+    res.get(timeout=10, propagate=False)
+    t, m, _ = failure_info(redis_client, res.id)
+    assert (t, m) == ("WorkerInternalError", "tori.exceptions"), "the chain's last link fails with it"
+    wait_unacked_empty(redis_client)
 
 
 @pytest.mark.chaos
