@@ -37,9 +37,10 @@ pub struct Job {
     pub terminate_signal: Arc<std::sync::atomic::AtomicI32>,
     /// The pool writes the pid of the process running it here.
     pub pid: Arc<std::sync::atomic::AtomicU32>,
-    /// Told that pid once the job is in its process, for when `run` could
-    /// not write it at once (a prefork process still being replaced), so
-    /// that STARTED names the process that runs the job.
+    /// Told that pid once the job is in its process, so that STARTED names
+    /// the process that runs the job: the pid `run` writes at once may be
+    /// unknown or stale (a prefork process still starting, or replaced
+    /// just before the job reached it).
     pub handed_to: Option<oneshot::Sender<u32>>,
 }
 

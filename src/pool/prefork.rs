@@ -207,8 +207,9 @@ impl Pool for PreforkPool {
             .pop_front()
             .expect("a held slot implies an idle supervisor");
         let sender = self.senders.lock().unwrap_or_else(|p| p.into_inner())[index].clone();
-        // Known now, so STARTED and `inspect active` can name the process
-        // at once; the supervisor corrects it if it has to respawn first.
+        // Known now, so `inspect active` can name the process at once; the
+        // supervisor corrects it if it has to respawn first, and tells
+        // STARTED (`Job::handed_to`) which process really got the job.
         if let Some(pid) = self.shared.pids.lock().unwrap_or_else(|p| p.into_inner())[index] {
             job.pid.store(pid, std::sync::atomic::Ordering::Relaxed);
         }

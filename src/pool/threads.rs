@@ -99,7 +99,7 @@ impl Pool for ThreadPool {
         super::acquire_slot(&self.slots)
     }
 
-    fn run(&self, slot: Slot, job: Job) -> oneshot::Receiver<JobOutcome> {
+    fn run(&self, slot: Slot, mut job: Job) -> oneshot::Receiver<JobOutcome> {
         let (tx, rx) = oneshot::channel();
         let soft = job.soft_limit;
         let hard = job.hard_limit;
@@ -107,6 +107,9 @@ impl Pool for ThreadPool {
         let terminate = job.terminate.clone();
         job.pid
             .store(std::process::id(), std::sync::atomic::Ordering::Relaxed);
+        if let Some(handed_to) = job.handed_to.take() {
+            let _ = handed_to.send(std::process::id());
+        }
         let task = tokio::task::spawn_blocking(move || {
             let outcome = run_job_here(&job);
             // The slot is held until the thread is really free, even if the

@@ -13,14 +13,18 @@
 //! would most likely hit the same bug on every worker that takes it. A
 //! final state stored before the panic stands, and its event is sent.
 //!
-//! The FAILURE is settled as any failure is: counted in its chord, the
-//! rest of its chain failed, its errbacks called, so nothing downstream
-//! waits for ever. If that is the code that panicked, the second panic is
-//! caught too (see `message::accept`) and the stored FAILURE stands. A
-//! final state stored before the panic is still counted in its chord (the
-//! count takes a task once) but nothing else is redone for it. A job still
-//! running in a pool process is stopped, as `revoke(terminate=True)` stops
-//! one, since nothing would hear its outcome.
+//! Before the job's outcome is acted on, the FAILURE is settled as any
+//! failure is: counted in its chord, the rest of its chain failed, its
+//! errbacks called, so nothing downstream waits for ever. If that is the
+//! code that panicked, the second panic is caught too (see
+//! `message::accept`) and the stored FAILURE stands. Once the outcome is
+//! being acted on (`Entry::settling`), follow-ups, a retry or a requeue
+//! may be out and the task may have succeeded: only its own FAILURE is
+//! stored and counted. A final state stored before the panic is still
+//! counted in its chord (the count takes a task once) but nothing else is
+//! redone for it. A job still running in a pool process is stopped, as
+//! `revoke(terminate=True)` stops one, since nothing would hear its
+//! outcome.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -32,7 +36,7 @@ use tasks::chaos::HandlerPanic;
 use tasks::{PyException, Task};
 
 use super::inflight::Phase;
-use super::message::{ack, store_then_ack_unless_acked};
+use super::message::{ack, record_final, store_then_ack_unless_acked};
 use super::outcome::result_repr;
 use super::outcome::{settle_failure, Finish};
 use super::Ctx;
@@ -78,8 +82,9 @@ pub(crate) fn chaos_point(ctx: &Ctx, msg: &TaskMessage, point: &str) {
 /// Sends the event of a final state stored before the panic. Events
 /// follow the store, so it may never have been sent, and without it a
 /// monitor shows the task running for ever; if it was sent, the repeat
-/// only states the same outcome again. The runtime died with the handler
-/// that measured it, so `task-succeeded` has none.
+/// only states the same outcome again. What only the lost handler knew is
+/// left out or plain: `task-succeeded` has no runtime, and `task-revoked`
+/// says neither terminated nor expired.
 fn announce_stored(ctx: &Ctx, stored: &StateDoc) {
     let id = &stored.task_id;
     match stored.state {
@@ -123,11 +128,12 @@ pub(crate) async fn recover(
             (
                 e.task_id.clone(),
                 e.acked,
+                e.settling,
                 (e.phase == Phase::Active).then(|| e.terminate.clone()),
             )
         })
     });
-    let Some(Some((task_id, acked, running))) = held else {
+    let Some(Some((task_id, acked, settling, running))) = held else {
         // Shutdown already put it back on its queue (or a later delivery
         // of the same tag replaced it): it is not ours to settle.
         tracing::error!(panic = %why, "handling this message panicked (a tori-worker bug); it was already put back");
@@ -200,12 +206,32 @@ pub(crate) async fn recover(
     let failure = exception_value(&exc.module, &exc.name, &exc.args);
     let traceback = format!("tori-worker internal error: {why}\n");
     let settled = match &msg {
+        Some(msg) if settling => {
+            // It panicked while acting on the task's outcome (or parking
+            // it for its ETA): the next links, a retry or a requeue may be
+            // out already, and the task may have succeeded. Only its own
+            // FAILURE is stored and counted in its chord; failing the rest
+            // of its chain or calling errbacks could contradict what was
+            // sent.
+            let options = ctx
+                .registry
+                .get(&msg.task)
+                .map(|t| t.options())
+                .unwrap_or_default();
+            let mut doc = StateDoc::new(&task_id, State::Failure, failure);
+            doc.group_id = msg.group.clone();
+            doc.parent_id = msg.parent_id.clone();
+            doc.traceback = Some(traceback.clone());
+            let store = !msg.ignores_result(options.ignore_result);
+            record_final(ctx, msg, &doc, tag, store, !acked).await
+        }
         Some(msg) => {
-            // Settled as any failure is, in Celery's order: stored and
-            // counted in its chord, the rest of its chain failed, the
-            // errbacks called, then acked. Should that panic as well, the
-            // FAILURE is stored by then, so the message that comes back
-            // after the visibility timeout is acked without running.
+            // It panicked before the task's outcome was acted on: settled
+            // as any failure is, in Celery's order: stored and counted in
+            // its chord, the rest of its chain failed, the errbacks called,
+            // then acked. Should that panic as well, the FAILURE is stored
+            // by then, so the message that comes back after the visibility
+            // timeout is acked without running.
             let options = ctx
                 .registry
                 .get(&msg.task)

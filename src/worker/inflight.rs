@@ -39,6 +39,10 @@ pub struct Entry {
     /// Whether the message was already acknowledged (early ack); such an
     /// entry is only tracked for reporting, not for leases or restore.
     pub acked: bool,
+    /// Its handler has begun acting on its outcome (or parked it for its
+    /// ETA): follow-ups, a retry or a requeue may already be out, so a
+    /// panic from here on must not fail what comes after it.
+    pub settling: bool,
     pub eta: Option<DateTime<Utc>>,
     pub args: Value,
     pub kwargs: Value,
@@ -169,6 +173,26 @@ impl InFlight {
         }
     }
 
+    /// Marks `tag` acked for an early ack, unless shutdown already put it
+    /// back on its queue (then acking would delete the entry of whichever
+    /// worker takes it next): whether the ack may go out.
+    pub fn mark_acked_unless_restored(&self, tag: &str) -> bool {
+        match self.lock().get_mut(tag) {
+            Some(e) if e.phase != Phase::Restored => {
+                e.acked = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// See [`Entry::settling`].
+    pub fn mark_settling(&self, tag: &str) {
+        if let Some(e) = self.lock().get_mut(tag) {
+            e.settling = true;
+        }
+    }
+
     /// Tags whose lease must be kept fresh (everything not yet acked).
     pub fn lease_tags(&self) -> Vec<String> {
         self.lock()
@@ -240,6 +264,7 @@ mod tests {
             queue: "q".into(),
             phase,
             acked: false,
+            settling: false,
             eta: None,
             args: json!([]),
             kwargs: json!({}),
@@ -270,6 +295,24 @@ mod tests {
             "a restored message must not start"
         );
         assert_eq!(f.lease_tags(), vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn an_early_ack_never_follows_a_shutdown_restore() {
+        let f = InFlight::default();
+        f.insert("a", entry(Phase::Active));
+        f.insert("b", entry(Phase::Active));
+        // Shutdown gave up on "a" and put it back on its queue.
+        assert_eq!(f.take_running_unacked().len(), 2);
+        f.insert("b", entry(Phase::Active));
+        assert!(
+            !f.mark_acked_unless_restored("a"),
+            "a restored message must not be acked"
+        );
+        assert!(f.mark_acked_unless_restored("b"));
+        assert!(!f.mark_acked_unless_restored("gone"));
+        assert_eq!(f.view("a", |e| e.acked), Some(false));
+        assert_eq!(f.view("b", |e| e.acked), Some(true));
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub(crate) fn accept(
             queue: delivery.queue.clone(),
             phase: Phase::Reserved,
             acked: false,
+            settling: false,
             eta: msg.and_then(|m| m.eta),
             args: msg.map(|m| json!(m.args)).unwrap_or(json!([])),
             kwargs: msg.map(|m| json!(m.kwargs)).unwrap_or(json!({})),
@@ -367,6 +368,7 @@ async fn life(
                 || ctx.held_eta.load(std::sync::atomic::Ordering::Relaxed) >= ctx.cfg.max_held_eta
             {
                 let due = eta.timestamp_millis() as f64 / 1000.0;
+                ctx.inflight.mark_settling(tag);
                 match ctx.broker.park_eta(delivery, due).await {
                     Ok(_) => tracing::info!(%eta, "ETA is far off; parked in Redis until due"),
                     Err(e) => {
@@ -523,18 +525,27 @@ async fn run(
     });
     let started = Instant::now();
     let running = ctx.pool.run(slot, job);
-    // STARTED names the process the pool handed the job to (Celery's pool
-    // process writes its own pid), so it is written once that is known;
-    // still before the final state, which this handler writes later. The
-    // pool writes the pid at once, unless the process is being replaced:
-    // then it is told when the new one has the job. A job that never
-    // reaches a process (the pool closing) gets no STARTED.
+    // An early ack goes out once the job is handed to the pool, as Celery
+    // acks once the pool accepted it; it is deferred a moment (at most
+    // `redis_batch::LINGER`) so that it shares a round trip with the next
+    // write, often this task's STARTED or result. The message counts as
+    // acked from here: a cold shutdown does not put it back, and it stops
+    // counting against prefetch, as with kombu's QoS (which counts unacked
+    // deliveries). If the ack fails, the lease is no longer renewed and
+    // the visibility timeout restores the message: never lost either way.
+    // One that shutdown already put back is not acked.
+    let mut permit = permit;
+    let early_ack = (!acks_late && ctx.inflight.mark_acked_unless_restored(tag)).then(|| {
+        drop(permit.take());
+        ctx.broker.ack_deferred(tag)
+    });
+    // STARTED names the process that has the job (Celery's pool process
+    // writes its own pid): the pool says which once the job is in it, which
+    // may be a process still starting. Still before the final state, which
+    // this handler writes later. A job that never reaches a process (the
+    // pool closing) gets no STARTED.
     if let Some(handed_to) = handed_to {
-        let pid = match worker_pid.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => handed_to.await.ok(),
-            pid => Some(pid),
-        };
-        if let Some(pid) = pid {
+        if let Ok(pid) = handed_to.await {
             let doc = StateDoc::new(
                 &msg.id,
                 State::Started,
@@ -545,20 +556,6 @@ async fn run(
             }
         }
     }
-    // An early ack goes out while the pool process runs the job, as Celery
-    // acks once the pool accepted it; it is deferred a moment (at most
-    // `redis_batch::LINGER`) so that it shares a round trip with the next
-    // write, often this task's own result. The message counts as acked
-    // from here: a cold shutdown does not put it back, and it stops
-    // counting against prefetch, as with kombu's QoS (which counts unacked
-    // deliveries). If the ack fails, the lease is no longer renewed and
-    // the visibility timeout restores the message: never lost either way.
-    let mut permit = permit;
-    let early_ack = (!acks_late).then(|| {
-        ctx.inflight.mark_acked(tag);
-        drop(permit.take());
-        ctx.broker.ack_deferred(tag)
-    });
     tokio::pin!(running);
     let result = loop {
         tokio::select! {
@@ -577,6 +574,8 @@ async fn run(
         write_progress(meta).await;
     }
 
+    ctx.inflight.mark_settling(tag);
+    handler_panic::chaos_point(ctx, &msg, "outcome");
     outcome::finish(
         ctx,
         Finish {

@@ -218,12 +218,14 @@ impl HandlerPanic {
     /// once it is accepted and before it runs (`received`), while its job
     /// runs (`running`: the job reports progress, the handler panics once
     /// it has stored it, and the job then sleeps a minute without checking
-    /// for cancellation, so only stopping its process ends it sooner), after
-    /// its final state is stored and before its message is acked (`stored`),
-    /// or at `received` and then again while the panic is being settled
-    /// (`settle`).
-    pub const POINTS: &'static [&'static str] =
-        &["decode", "received", "running", "stored", "settle"];
+    /// for cancellation, so only stopping its process ends it sooner), once
+    /// the job's outcome is back and before anything is done with it
+    /// (`outcome`), after its final state is stored and before a late ack
+    /// (`stored`), or at `received` and then again while the panic is being
+    /// settled (`settle`).
+    pub const POINTS: &'static [&'static str] = &[
+        "decode", "received", "running", "outcome", "stored", "settle",
+    ];
 
     /// How long a `running` job sleeps: far longer than any test waits for
     /// the outcome, so a test that sees the process free again knows the

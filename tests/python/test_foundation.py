@@ -511,15 +511,19 @@ def test_started_names_a_process_that_replaced_another(worker_factory, redis_ser
     for that process and names it, never the worker's own pid."""
     w = worker_factory(redis_server.url(), "--track-started", "--concurrency", "1",
                        "--max-tasks-per-child", "1")
-    running = [app.send_task("tori.sleep", args=[0.5]) for _ in range(4)]
+    inspector = app.control.inspect(destination=[w.hostname], timeout=2.0)
+    running = [app.send_task("tori.sleep", args=[2]) for _ in range(4)]
     started_pids = []
     for r in running:
-        wait_for(lambda: (read_meta(redis_client, r.id) or {}).get("status") in ("STARTED", "SUCCESS"),
-                 20, message=lambda: f"state {r.state}")
-        meta = read_meta(redis_client, r.id)
+        meta = wait_for(lambda: (m := read_meta(redis_client, r.id)) and m["status"] != "PENDING" and m,
+                        20, message=lambda: f"state {r.state}")
         assert meta["status"] == "STARTED", f"STARTED not seen before {meta['status']}"
-        started_pids.append(meta["result"]["pid"])
-        assert r.get(timeout=15) == 0.5
+        pid = meta["result"]["pid"]
+        started_pids.append(pid)
+        # The process that has the job, as the worker reports it.
+        active = (inspector.active() or {}).get(w.hostname) or []
+        assert [t["worker_pid"] for t in active if t["id"] == r.id] == [pid], (pid, active)
+        assert r.get(timeout=15) == 2
     assert w.pid not in started_pids, (w.pid, started_pids)
     # A new process for each task, so four different pids.
     assert len(set(started_pids)) == 4, started_pids
