@@ -214,7 +214,9 @@ pub struct WorkerArgs {
     pub pool_restarts: bool,
 
     /// How many times a task may be put back after killing its process
-    /// before it fails for good and goes to the dead-letter list.
+    /// (or after the worker's own handling of it panicked twice, in the
+    /// handling and in settling that) before it fails for good and goes to
+    /// the dead-letter list.
     #[arg(long, default_value_t = 3)]
     pub max_redeliveries: u32,
 

@@ -113,6 +113,46 @@ fn announce_stored(ctx: &Ctx, stored: &StateDoc) {
     }
 }
 
+/// A message whose handling panicked in `rounds` deliveries (or whose
+/// task also killed its pool process), more than --max-redeliveries: its
+/// FAILURE is stored plainly (no chain, errbacks or chord, whose code may
+/// be what keeps panicking) and the message goes to the dead-letter list.
+async fn give_up(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, rounds: u64, why: &str) {
+    let max = ctx.cfg.max_redeliveries;
+    let message = format!(
+        "tori-worker's own handling of this task's message panicked (a worker bug; please report \
+         it): {why}. It failed {rounds} deliveries, more than --max-redeliveries={max}, so the \
+         message was moved to the dead-letter list."
+    );
+    tracing::error!(
+        rounds,
+        "poison message: its handling keeps panicking; dead-lettering it"
+    );
+    let exc = PyException::new("tori.exceptions", "WorkerInternalError", message.clone());
+    let mut doc = StateDoc::new(
+        task_id,
+        State::Failure,
+        exception_value(&exc.module, &exc.name, &exc.args),
+    );
+    doc.traceback = Some(format!("tori-worker internal error: {why}\n"));
+    if let Err(e) = ctx.backend.store(&doc).await {
+        tracing::error!(error = %e, "could not store the FAILURE; leaving the message unsettled");
+        return;
+    }
+    if let Err(e) = ctx
+        .broker
+        .dead_letter(Some(tag), &delivery.queue, &delivery.raw, &message)
+        .await
+    {
+        tracing::error!(error = %e, "could not dead-letter; the restore sweep will retry it");
+    }
+    ctx.events.task("task-failed", |ev| {
+        ev.field("uuid", &task_id)
+            .field("exception", &exc.repr())
+            .field("traceback", &doc.traceback.clone().unwrap_or_default());
+    });
+}
+
 /// Settles a message whose handler panicked (see the module doc). `serial`
 /// tells this delivery's in-flight entry from a later one of the same tag.
 pub(crate) async fn recover(
@@ -157,6 +197,21 @@ pub(crate) async fn recover(
         // Its pool process may still be running it, with nobody left to
         // hear the outcome: stop it, as `revoke(terminate=True)` does.
         terminate.notify_one();
+    }
+    if !acked {
+        // A message whose settling panics too comes back after the
+        // visibility timeout, to panic again if the bug is in every round:
+        // like a task that keeps killing its pool process, it is given up
+        // after --max-redeliveries rounds. Counted before anything else
+        // here, so that a panic further on cannot skip the count.
+        match ctx.broker.count_lost_delivery(&task_id).await {
+            Ok(rounds) if rounds > u64::from(ctx.cfg.max_redeliveries) => {
+                give_up(ctx, delivery, tag, &task_id, rounds, &why).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not count this delivery; settling it"),
+        }
     }
     // The decoder did not panic on this message once (it was decoded to
     // get here), but guard it anyway: this is the path of last resort.

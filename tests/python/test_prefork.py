@@ -484,16 +484,26 @@ def test_a_second_panic_while_settling_still_strands_nothing(worker_factory, red
     """The handler panics before the message is acked, and settling that
     panic panics too (injected). The message is still not stranded: its
     in-flight entry goes, so its lease is no longer renewed, and it comes
-    back after the visibility timeout (here to panic again: the log shows
-    each round). Nothing is stored for it, and the worker carries on."""
+    back after the visibility timeout. A bug that hits every round would
+    loop for ever: after --max-redeliveries rounds the message goes to the
+    dead-letter list with a FAILURE saying why, as a task that keeps
+    killing its pool process does."""
     w = worker_factory(redis_server.url(), "--concurrency", "1", CHAOS,
-                       "--visibility-timeout", "2", "--restore-interval", "1")
+                       "--visibility-timeout", "2", "--restore-interval", "1",
+                       "--max-redeliveries", "1")
     r = app.send_task(HANDLER_PANIC, args=["settle"])
     second = "settling a message whose handling panicked panicked too"
     wait_for(lambda: w.log_text().count(second) >= 1, 15, message=w.tail)
-    # Back after the visibility timeout: fetched and handled once more.
-    wait_for(lambda: w.log_text().count(second) >= 2, 20, message=w.tail)
-    assert read_meta(redis_client, r.id) is None
+    # Back after the visibility timeout: the second round gives up on it.
+    wait_for(lambda: any(r.id in entry_raw_text(e) for e in dead_letter_entries(redis_client)),
+             20, message=lambda: f"dead letters {dead_letter_entries(redis_client)!r:.300}\n{w.tail()}")
+    [dl] = [e for e in dead_letter_entries(redis_client) if r.id in entry_raw_text(e)]
+    assert "--max-redeliveries=1" in dl["reason"], dl["reason"]
+    assert w.log_text().count(second) == 1, w.tail()
+    r.get(timeout=10, propagate=False)
+    t, m, msg = failure_info(redis_client, r.id)
+    assert (t, m) == ("WorkerInternalError", "tori.exceptions") and "dead-letter" in msg, msg
+    wait_unacked_empty(redis_client)
     assert app.send_task("tori.echo", args=[1]).get(timeout=15) == echo_result(1)
     assert w.alive()
 
