@@ -77,6 +77,10 @@ pub struct Keys {
     /// process (`tori.lost.<task id>`), for the poison-message guard:
     /// Redis keeps no redelivery count, so we do.
     pub lost_prefix: String,
+    /// Per delivery tag, how many rounds of a message ended unsettled
+    /// because settling its handler's panic panicked too
+    /// (`tori.unsettled.<tag>`), for the same guard.
+    pub unsettled_prefix: String,
 }
 
 impl Keys {
@@ -89,6 +93,7 @@ impl Keys {
             dead_letter: format!("{prefix}{dead_letter}"),
             eta_parked: format!("{prefix}tori.eta"),
             lost_prefix: format!("{prefix}tori.lost."),
+            unsettled_prefix: format!("{prefix}tori.unsettled."),
         }
     }
 }

@@ -709,18 +709,41 @@ impl Broker {
     /// and returns the total (kept 7 days).
     pub async fn count_lost_delivery(&self, task_id: &str) -> Result<u64, RedisError> {
         let key = format!("{}{task_id}", self.config.keys.lost_prefix);
+        self.count_one_more(&key, "count lost delivery").await
+    }
+
+    /// INCR of a counter kept 7 days after its last count.
+    async fn count_one_more(&self, key: &str, what: &str) -> Result<u64, RedisError> {
         let (count,): (u64,) = self
             .link
-            .retry("count lost delivery", |mut c| {
+            .retry(what, |mut c| {
                 let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .incr(&key, 1)
-                    .expire(&key, 7 * 86_400)
-                    .ignore();
+                pipe.atomic().incr(key, 1).expire(key, 7 * 86_400).ignore();
                 async move { pipe.query_async(&mut c).await }
             })
             .await?;
         Ok(count)
+    }
+
+    /// Counts one more round of the delivery `tag` that ended unsettled
+    /// (its handler panicked, and so did settling that) and returns the
+    /// total (kept 7 days; a restored message keeps its tag).
+    pub async fn count_unsettled_round(&self, tag: &str) -> Result<u64, RedisError> {
+        let key = format!("{}{tag}", self.config.keys.unsettled_prefix);
+        self.count_one_more(&key, "count unsettled round").await
+    }
+
+    /// How many rounds of the delivery `tag` ended unsettled so far.
+    pub async fn unsettled_rounds(&self, tag: &str) -> Result<u64, RedisError> {
+        let key = format!("{}{tag}", self.config.keys.unsettled_prefix);
+        let count: Option<u64> = self
+            .link
+            .retry("read unsettled rounds", |mut c| {
+                let cmd = redis::cmd("GET").arg(&key).clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        Ok(count.unwrap_or(0))
     }
 
     /// Length of each consumed queue including its priority lists.

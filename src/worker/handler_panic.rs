@@ -13,14 +13,13 @@
 //! would most likely hit the same bug on every worker that takes it. A
 //! final state stored before the panic stands, and its event is sent.
 //!
-//! Before the job's outcome is acted on, the FAILURE is settled as any
-//! failure is: counted in its chord, the rest of its chain failed, its
-//! errbacks called, so nothing downstream waits for ever. If that is the
-//! code that panicked, the second panic is caught too (see
-//! `message::accept`) and the stored FAILURE stands. Once the outcome is
-//! being acted on (`Entry::settling`), follow-ups, a retry or a requeue
-//! may be out and the task may have succeeded: only its own FAILURE is
-//! stored and counted. A final state stored before the panic is still
+//! Until something was sent that a failure would contradict, the FAILURE
+//! is settled as any failure is: counted in its chord, the rest of its
+//! chain failed, its errbacks called, so nothing downstream waits for
+//! ever. If that is the code that panicked, the second panic is caught too
+//! (see `message::accept`) and the stored FAILURE stands. Once the next
+//! steps, a retry or a requeue may be out (`Entry::settling`), the task
+//! may have succeeded: only its own FAILURE is stored and counted. A final state stored before the panic is still
 //! counted in its chord (the count takes a task once) but nothing else is
 //! redone for it. A job still running in a pool process is stopped, as
 //! `revoke(terminate=True)` stops one, since nothing would hear its
@@ -113,16 +112,28 @@ fn announce_stored(ctx: &Ctx, stored: &StateDoc) {
     }
 }
 
-/// A message whose handling panicked in `rounds` deliveries (or whose
-/// task also killed its pool process), more than --max-redeliveries: its
-/// FAILURE is stored plainly (no chain, errbacks or chord, whose code may
-/// be what keeps panicking) and the message goes to the dead-letter list.
+/// A message whose handling and its settling both panicked in `rounds`
+/// earlier deliveries, more than --max-redeliveries allows: its FAILURE is
+/// stored plainly (no chain, errbacks or chord count, whose code may be
+/// what keeps panicking) and the message goes to the dead-letter list.
 async fn give_up(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, rounds: u64, why: &str) {
     let max = ctx.cfg.max_redeliveries;
+    // A final state stored in one of those rounds stands (the chaos tests
+    // store SUCCESS and then panic): the message is done, not poison.
+    if let Ok(Some(stored)) = ctx.backend.final_doc(task_id).await {
+        tracing::warn!(
+            rounds,
+            state = stored.state.as_str(),
+            "its handling keeps panicking, but its final state is stored; keeping it"
+        );
+        ack(ctx, tag).await;
+        announce_stored(ctx, &stored);
+        return;
+    }
     let message = format!(
         "tori-worker's own handling of this task's message panicked (a worker bug; please report \
-         it): {why}. It failed {rounds} deliveries, more than --max-redeliveries={max}, so the \
-         message was moved to the dead-letter list."
+         it): {why}. Settling that panicked too in {rounds} earlier deliveries, more than \
+         --max-redeliveries={max} allows, so the message was moved to the dead-letter list."
     );
     tracing::error!(
         rounds,
@@ -139,12 +150,15 @@ async fn give_up(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, round
         tracing::error!(error = %e, "could not store the FAILURE; leaving the message unsettled");
         return;
     }
-    if let Err(e) = ctx
+    match ctx
         .broker
         .dead_letter(Some(tag), &delivery.queue, &delivery.raw, &message)
         .await
     {
-        tracing::error!(error = %e, "could not dead-letter; the restore sweep will retry it");
+        Ok(()) => ctx.inflight.mark_acked(tag),
+        Err(e) => {
+            tracing::error!(error = %e, "could not dead-letter; the restore sweep will retry it")
+        }
     }
     ctx.events.task("task-failed", |ev| {
         ev.field("uuid", &task_id)
@@ -199,18 +213,20 @@ pub(crate) async fn recover(
         terminate.notify_one();
     }
     if !acked {
-        // A message whose settling panics too comes back after the
-        // visibility timeout, to panic again if the bug is in every round:
-        // like a task that keeps killing its pool process, it is given up
-        // after --max-redeliveries rounds. Counted before anything else
-        // here, so that a panic further on cannot skip the count.
-        match ctx.broker.count_lost_delivery(&task_id).await {
+        // A message whose settling panicked too came back after the
+        // visibility timeout (`message::accept` counted that round), to
+        // panic again if the bug is in every round: like a task that keeps
+        // killing its pool process, it is put back at most
+        // --max-redeliveries times, and given up on the next delivery.
+        match ctx.broker.unsettled_rounds(tag).await {
             Ok(rounds) if rounds > u64::from(ctx.cfg.max_redeliveries) => {
                 give_up(ctx, delivery, tag, &task_id, rounds, &why).await;
                 return;
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not count this delivery; settling it"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read its unsettled rounds; settling it")
+            }
         }
     }
     // The decoder did not panic on this message once (it was decoded to
@@ -262,12 +278,11 @@ pub(crate) async fn recover(
     let traceback = format!("tori-worker internal error: {why}\n");
     let settled = match &msg {
         Some(msg) if settling => {
-            // It panicked while acting on the task's outcome (or parking
-            // it for its ETA): the next links, a retry or a requeue may be
-            // out already, and the task may have succeeded. Only its own
-            // FAILURE is stored and counted in its chord; failing the rest
-            // of its chain or calling errbacks could contradict what was
-            // sent.
+            // The next steps of its workflow, a retry or a requeue may be
+            // out already (see `Entry::settling`), and the task may have
+            // succeeded. Only its own FAILURE is stored and counted in its
+            // chord; failing the rest of its chain or calling errbacks
+            // could contradict what was sent.
             let options = ctx
                 .registry
                 .get(&msg.task)
@@ -281,9 +296,9 @@ pub(crate) async fn recover(
             record_final(ctx, msg, &doc, tag, store, !acked).await
         }
         Some(msg) => {
-            // It panicked before the task's outcome was acted on: settled
-            // as any failure is, in Celery's order: stored and counted in
-            // its chord, the rest of its chain failed, the errbacks called,
+            // Nothing was sent that a failure would contradict: settled as
+            // any failure is, in Celery's order: stored and counted in its
+            // chord, the rest of its chain failed, the errbacks called,
             // then acked. Should that panic as well, the FAILURE is stored
             // by then, so the message that comes back after the visibility
             // timeout is acked without running.

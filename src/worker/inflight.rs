@@ -21,7 +21,8 @@ pub enum Phase {
     Scheduled,
     /// Running in the pool.
     Active,
-    /// Put back on the queue by shutdown; its handler must stop.
+    /// Put back on its queue (by shutdown, a requeue, or parked for its
+    /// ETA): no longer this worker's; its handler must stop.
     Restored,
 }
 
@@ -39,9 +40,10 @@ pub struct Entry {
     /// Whether the message was already acknowledged (early ack); such an
     /// entry is only tracked for reporting, not for leases or restore.
     pub acked: bool,
-    /// Its handler has begun acting on its outcome (or parked it for its
-    /// ETA): follow-ups, a retry or a requeue may already be out, so a
-    /// panic from here on must not fail what comes after it.
+    /// Its handler may have sent something that a failure would
+    /// contradict: the next steps of its workflow, a retry, a requeue or
+    /// an ETA parking. A panic from here on must not fail what comes
+    /// after it.
     pub settling: bool,
     pub eta: Option<DateTime<Utc>>,
     pub args: Value,

@@ -89,6 +89,16 @@ pub(crate) fn accept(
                         .await;
                 if settled.is_err() {
                     tracing::error!("settling a message whose handling panicked panicked too; if it was not acked yet, it comes back after the visibility timeout");
+                    // Counted, so that a bug hit in every round ends in the
+                    // dead-letter list rather than looping for ever.
+                    let unacked = ctx.inflight.view(&tag, |e| {
+                        e.serial == serial && !e.acked && e.phase != Phase::Restored
+                    }) == Some(true);
+                    if unacked {
+                        if let Err(e) = ctx.broker.count_unsettled_round(&tag).await {
+                            tracing::warn!(error = %e, "could not count the unsettled round");
+                        }
+                    }
                 }
             }
             // A message abandoned because the worker is stopping stays in
@@ -370,7 +380,12 @@ async fn life(
                 let due = eta.timestamp_millis() as f64 / 1000.0;
                 ctx.inflight.mark_settling(tag);
                 match ctx.broker.park_eta(delivery, due).await {
-                    Ok(_) => tracing::info!(%eta, "ETA is far off; parked in Redis until due"),
+                    Ok(_) => {
+                        // No longer this worker's to settle, even if a
+                        // panic came now.
+                        ctx.inflight.advance(tag, Phase::Restored);
+                        tracing::info!(%eta, "ETA is far off; parked in Redis until due")
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "could not park ETA message; it stays unacked and will be restored")
                     }
@@ -574,8 +589,6 @@ async fn run(
         write_progress(meta).await;
     }
 
-    ctx.inflight.mark_settling(tag);
-    handler_panic::chaos_point(ctx, &msg, "outcome");
     outcome::finish(
         ctx,
         Finish {

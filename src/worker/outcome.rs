@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use tasks::task::py_repr;
 use tasks::{PyException, TaskError, TaskOptions};
 
+use super::inflight::Phase;
 use super::message::{ack, record_final, store_then_ack};
-use super::Ctx;
+use super::{handler_panic, Ctx};
 use crate::broker::Delivery;
 use crate::pool::JobOutcome;
 use crate::protocol::canvas::{self, CanvasError, Origin};
@@ -209,7 +210,12 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
         default_queue: &ctx.cfg.default_queue,
     };
     let mut children = Vec::new();
-    for (sig, rest) in follow_ups(f.msg) {
+    let steps = follow_ups(f.msg);
+    if !steps.is_empty() {
+        // From here the next steps may be out: a panic must not fail them.
+        ctx.inflight.mark_settling(f.tag);
+    }
+    for (sig, rest) in steps {
         let expansion = match canvas::expand(&sig, rest, &from) {
             Ok(expansion) => expansion,
             Err(e) => {
@@ -248,6 +254,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             children.push(expansion.child);
         }
     }
+    handler_panic::chaos_point(ctx, f.msg, "published");
     let shown = result_repr(&value);
     tracing::info!(runtime = secs, result = %shown, "task succeeded");
     ctx.metrics.count(&f.msg.task, "succeeded");
@@ -448,6 +455,21 @@ pub(crate) async fn settle_failure(
     true
 }
 
+/// Puts the message back on its queue (Celery's reject with requeue). It
+/// is then no longer this worker's: a panic from here on must not settle
+/// it (`Entry::settling`, then `Phase::Restored`).
+async fn put_back(ctx: &Ctx, tag: &str) {
+    ctx.inflight.mark_settling(tag);
+    match ctx.broker.restore(tag, true).await {
+        Ok(_) => {
+            ctx.inflight.advance(tag, Phase::Restored);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it")
+        }
+    }
+}
+
 /// Records the final document (`record_final`): acked here only when
 /// acking late; an early ack went out when the job started.
 async fn finish_with(ctx: &Ctx, f: &Finish<'_>, doc: &StateDoc) {
@@ -507,6 +529,8 @@ async fn retry(
     let delay = retry_delay(f.options, f.msg.retries, countdown);
     let eta = Utc::now() + chrono::Duration::milliseconds((delay * 1000.0) as i64);
     let republished = retry_of(&f.delivery.envelope, f.msg, eta);
+    // From here the retry may be out: a panic must not fail the task.
+    ctx.inflight.mark_settling(f.tag);
     if let Err(e) = ctx
         .broker
         .publish(
@@ -568,9 +592,7 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
         ctx.events.task("task-rejected", |ev| {
             ev.field("uuid", &f.msg.id).field("requeue", &true);
         });
-        if let Err(e) = ctx.broker.restore(f.tag, true).await {
-            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
-        }
+        put_back(ctx, f.tag).await;
         return;
     }
     let message = format!(
@@ -620,9 +642,7 @@ async fn reject(ctx: &Ctx, f: &Finish<'_>, requeue: bool, reason: String) {
         ctx.events.task("task-rejected", |ev| {
             ev.field("uuid", &f.msg.id).field("requeue", &true);
         });
-        if let Err(e) = ctx.broker.restore(f.tag, true).await {
-            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
-        }
+        put_back(ctx, f.tag).await;
         return;
     }
     // Never to run again, so Celery (request.py `on_failure`) fails it

@@ -219,12 +219,17 @@ impl HandlerPanic {
     /// runs (`running`: the job reports progress, the handler panics once
     /// it has stored it, and the job then sleeps a minute without checking
     /// for cancellation, so only stopping its process ends it sooner), once
-    /// the job's outcome is back and before anything is done with it
-    /// (`outcome`), after its final state is stored and before a late ack
-    /// (`stored`), or at `received` and then again while the panic is being
-    /// settled (`settle`).
+    /// the next steps of its workflow are published and before its result
+    /// is stored (`published`), after its final state is stored and before
+    /// a late ack (`stored`), or at `received` and then again while the
+    /// panic is being settled (`settle`).
     pub const POINTS: &'static [&'static str] = &[
-        "decode", "received", "running", "outcome", "stored", "settle",
+        "decode",
+        "received",
+        "running",
+        "published",
+        "stored",
+        "settle",
     ];
 
     /// How long a `running` job sleeps: far longer than any test waits for

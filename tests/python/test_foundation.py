@@ -521,8 +521,10 @@ def test_started_names_a_process_that_replaced_another(worker_factory, redis_ser
         pid = meta["result"]["pid"]
         started_pids.append(pid)
         # The process that has the job, as the worker reports it.
-        active = (inspector.active() or {}).get(w.hostname) or []
-        assert [t["worker_pid"] for t in active if t["id"] == r.id] == [pid], (pid, active)
+        active = wait_for(lambda: [t for t in (inspector.active() or {}).get(w.hostname) or []
+                                   if t["id"] == r.id], 10,
+                          message=lambda: f"{r.id} not in inspect active")
+        assert [t["worker_pid"] for t in active] == [pid], (pid, active)
         assert r.get(timeout=15) == 2
     assert w.pid not in started_pids, (w.pid, started_pids)
     # A new process for each task, so four different pids.
