@@ -118,8 +118,8 @@ fn announce_stored(ctx: &Ctx, stored: &StateDoc) {
 /// what keeps panicking) and the message goes to the dead-letter list.
 async fn give_up(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, rounds: u64, why: &str) {
     let max = ctx.cfg.max_redeliveries;
-    // A final state stored in one of those rounds stands (the chaos tests
-    // store SUCCESS and then panic): the message is done, not poison.
+    // A final state stored in one of those rounds (before its panic)
+    // stands: the message is done, not poison.
     if let Ok(Some(stored)) = ctx.backend.final_doc(task_id).await {
         tracing::warn!(
             rounds,
@@ -188,8 +188,9 @@ pub(crate) async fn recover(
         })
     });
     let Some(Some((task_id, acked, settling, running))) = held else {
-        // Shutdown already put it back on its queue (or a later delivery
-        // of the same tag replaced it): it is not ours to settle.
+        // It was put back on its queue (by shutdown, a requeue or ETA
+        // parking), or a later delivery of the same tag replaced it: it is
+        // not ours to settle.
         tracing::error!(panic = %why, "handling this message panicked (a tori-worker bug); it was already put back");
         return;
     };
