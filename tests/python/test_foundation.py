@@ -475,10 +475,11 @@ def test_protocol_1_message(celery_app_factory, redis_server, tori_worker):
 # worker options
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("track", [True, False], ids=["track-started", "no-track-started"])
-def test_track_started(worker_factory, redis_server, app, track):
+@pytest.mark.parametrize("track,pool", [(True, "prefork"), (False, "prefork"), (True, "threads")],
+                         ids=["track-started", "no-track-started", "track-started-threads"])
+def test_track_started(worker_factory, redis_server, app, track, pool):
     args = ["--track-started"] if track else []
-    worker_factory(redis_server.url(), *args)
+    worker_factory(redis_server.url(), "--pool", pool, *args)
     r = app.send_task("tori.sleep", args=[2])
     seen = observe_states(r, timeout=20)
     assert seen[-1] == "SUCCESS"
