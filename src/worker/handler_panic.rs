@@ -18,10 +18,12 @@
 //! chain failed, its errbacks called, so nothing downstream waits for
 //! ever. If that is the code that panicked, the second panic is caught too
 //! (see `message::accept`) and the stored FAILURE stands. Once the next
-//! steps, a retry or a requeue may be out (`Entry::settling`), the task
-//! may have succeeded: only its own FAILURE is stored and counted. A final state stored before the panic is still
-//! counted in its chord (the count takes a task once) but nothing else is
-//! redone for it. A job still running in a pool process is stopped, as
+//! steps or a retry may be out (`Entry::settling`), the task may have
+//! succeeded: only its own FAILURE is stored and counted. A message the
+//! worker already put back (a requeue, an ETA parking) is left to its next
+//! delivery. A final state stored before the panic is still counted in its
+//! chord (the count takes a task once) but nothing else is redone for it.
+//! A job still running in a pool process is stopped, as
 //! `revoke(terminate=True)` stops one, since nothing would hear its
 //! outcome.
 
@@ -279,8 +281,8 @@ pub(crate) async fn recover(
     let traceback = format!("tori-worker internal error: {why}\n");
     let settled = match &msg {
         Some(msg) if settling => {
-            // The next steps of its workflow, a retry or a requeue may be
-            // out already (see `Entry::settling`), and the task may have
+            // The next steps of its workflow or a retry may be out
+            // already (see `Entry::settling`), and the task may have
             // succeeded. Only its own FAILURE is stored and counted in its
             // chord; failing the rest of its chain or calling errbacks
             // could contradict what was sent.

@@ -41,9 +41,9 @@ pub struct Entry {
     /// entry is only tracked for reporting, not for leases or restore.
     pub acked: bool,
     /// Its handler may have sent something that a failure would
-    /// contradict: the next steps of its workflow, a retry, a requeue or
-    /// an ETA parking. A panic from here on must not fail what comes
-    /// after it.
+    /// contradict: the next steps of its workflow or a retry. A panic from
+    /// here on must not fail what comes after it. (A requeue or an ETA
+    /// parking marks the entry `Restored` instead.)
     pub settling: bool,
     pub eta: Option<DateTime<Utc>>,
     pub args: Value,

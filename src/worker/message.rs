@@ -378,14 +378,12 @@ async fn life(
                 || ctx.held_eta.load(std::sync::atomic::Ordering::Relaxed) >= ctx.cfg.max_held_eta
             {
                 let due = eta.timestamp_millis() as f64 / 1000.0;
-                ctx.inflight.mark_settling(tag);
+                // No longer this worker's to settle, even if a panic came
+                // now; if parking fails, the lease is no longer renewed and
+                // the visibility timeout puts the message back.
+                ctx.inflight.advance(tag, Phase::Restored);
                 match ctx.broker.park_eta(delivery, due).await {
-                    Ok(_) => {
-                        // No longer this worker's to settle, even if a
-                        // panic came now.
-                        ctx.inflight.advance(tag, Phase::Restored);
-                        tracing::info!(%eta, "ETA is far off; parked in Redis until due")
-                    }
+                    Ok(_) => tracing::info!(%eta, "ETA is far off; parked in Redis until due"),
                     Err(e) => {
                         tracing::error!(error = %e, "could not park ETA message; it stays unacked and will be restored")
                     }

@@ -455,18 +455,16 @@ pub(crate) async fn settle_failure(
     true
 }
 
-/// Puts the message back on its queue (Celery's reject with requeue). It
-/// is then no longer this worker's: a panic from here on must not settle
-/// it (`Entry::settling`, then `Phase::Restored`).
+/// Puts the message back on its queue (Celery's reject with requeue). Its
+/// entry is marked restored first: the message is no longer this worker's
+/// to settle, even if a panic came now, and once it is back on the queue
+/// this worker may fetch it again under the same tag, whose new entry a
+/// later mark must not touch. If the requeue fails, the lease is no longer
+/// renewed either, and the visibility timeout puts it back.
 async fn put_back(ctx: &Ctx, tag: &str) {
-    ctx.inflight.mark_settling(tag);
-    match ctx.broker.restore(tag, true).await {
-        Ok(_) => {
-            ctx.inflight.advance(tag, Phase::Restored);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it")
-        }
+    ctx.inflight.advance(tag, Phase::Restored);
+    if let Err(e) = ctx.broker.restore(tag, true).await {
+        tracing::error!(error = %e, "could not requeue; the visibility timeout will restore it");
     }
 }
 
