@@ -280,31 +280,7 @@ pub(crate) async fn recover(
     let failure = exception_value(&exc.module, &exc.name, &exc.args);
     let traceback = format!("tori-worker internal error: {why}\n");
     let settled = match &msg {
-        Some(msg) if settling => {
-            // The next steps of its workflow or a retry may be out
-            // already (see `Entry::settling`), and the task may have
-            // succeeded. Only its own FAILURE is stored and counted in its
-            // chord; failing the rest of its chain or calling errbacks
-            // could contradict what was sent.
-            let options = ctx
-                .registry
-                .get(&msg.task)
-                .map(|t| t.options())
-                .unwrap_or_default();
-            let mut doc = StateDoc::new(&task_id, State::Failure, failure);
-            doc.group_id = msg.group.clone();
-            doc.parent_id = msg.parent_id.clone();
-            doc.traceback = Some(traceback.clone());
-            let store = !msg.ignores_result(options.ignore_result);
-            record_final(ctx, msg, &doc, tag, store, !acked).await
-        }
         Some(msg) => {
-            // Nothing was sent that a failure would contradict: settled as
-            // any failure is, in Celery's order: stored and counted in its
-            // chord, the rest of its chain failed, the errbacks called,
-            // then acked. Should that panic as well, the FAILURE is stored
-            // by then, so the message that comes back after the visibility
-            // timeout is acked without running.
             let options = ctx
                 .registry
                 .get(&msg.task)
@@ -321,7 +297,23 @@ pub(crate) async fn recover(
             };
             let mut doc = f.doc(ctx, State::Failure, failure);
             doc.traceback = Some(traceback.clone());
-            settle_failure(ctx, &f, &doc, !acked).await
+            if settling {
+                // The next steps of its workflow or a retry may be out
+                // already (see `Entry::settling`), and the task may have
+                // succeeded. Only its own FAILURE is stored and counted in
+                // its chord; failing the rest of its chain or calling
+                // errbacks could contradict what was sent.
+                let store = !msg.ignores_result(options.ignore_result);
+                record_final(ctx, msg, &doc, tag, store, !acked).await
+            } else {
+                // Nothing was sent that a failure would contradict: settled
+                // as any failure is, in Celery's order: stored and counted
+                // in its chord, the rest of its chain failed, the errbacks
+                // called, then acked. Should that panic as well, the FAILURE
+                // is stored by then, so the message that comes back after
+                // the visibility timeout is acked without running.
+                settle_failure(ctx, &f, &doc, !acked).await
+            }
         }
         None => {
             let mut doc = StateDoc::new(&task_id, State::Failure, failure);
