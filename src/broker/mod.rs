@@ -414,14 +414,17 @@ impl Broker {
     }
 
     /// Moves an unacked message to the dead-letter list with a reason, in
-    /// one transaction, so it is neither lost nor redelivered forever.
+    /// one step, so it is neither lost nor redelivered forever. Returns
+    /// `false`, and leaves the message alone, when it is no longer ours: a
+    /// sweep restored it meanwhile, so it waits on its queue for its next
+    /// delivery, and it must not sit in the dead-letter list as well.
     pub async fn dead_letter(
         &self,
         delivery_tag: Option<&str>,
         queue: &str,
         raw: &str,
         reason: &str,
-    ) -> Result<(), RedisError> {
+    ) -> Result<bool, RedisError> {
         let k = &self.config.keys;
         let record = pyjson::to_string(&json!({
             "reason": reason,
@@ -430,19 +433,35 @@ impl Broker {
             "worker": self.config.worker_name,
             "raw": raw,
         }));
-        self.link
+        let Some(tag) = delivery_tag else {
+            self.link
+                .retry("dead-letter", |mut c| {
+                    let cmd = redis::cmd("LPUSH").arg(&k.dead_letter).arg(&record).clone();
+                    async move { cmd.query_async::<()>(&mut c).await }
+                })
+                .await?;
+            return Ok(true);
+        };
+        let moved: i64 = self
+            .link
             .retry("dead-letter", |mut c| {
-                let mut pipe = redis::pipe();
-                pipe.atomic().lpush(&k.dead_letter, &record).ignore();
-                if let Some(tag) = delivery_tag {
-                    pipe.zrem(&k.unacked_index, tag)
-                        .ignore()
-                        .hdel(&k.unacked, tag)
-                        .ignore();
-                }
-                async move { pipe.query_async::<()>(&mut c).await }
+                let mut inv = scripts::DEAD_LETTER_OWNED.prepare_invoke();
+                inv.key(&k.unacked)
+                    .key(&k.unacked_index)
+                    .key(&k.dead_letter)
+                    .arg(tag)
+                    .arg(&record);
+                async move { inv.invoke_async(&mut c).await }
             })
-            .await
+            .await?;
+        if moved == 0 {
+            tracing::warn!(
+                delivery_tag = tag,
+                reason,
+                "not dead-lettered: the message was restored to its queue meanwhile and will be delivered again"
+            );
+        }
+        Ok(moved == 1)
     }
 
     /// Keeps our in-flight messages from looking abandoned: the sweep (ours
@@ -903,5 +922,43 @@ mod tests {
         broker.ack_deferred(&late[0]).await.unwrap();
         assert_eq!(unacked_left(&link, &keys).await, (0, 0));
         assert_eq!(command_calls(&link, "zrem").await, 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_a_message_still_ours_is_dead_lettered() {
+        let (_server, link) = redis_and_link();
+        let keys = Keys::new("", "tori.dead_letter");
+        let broker = test_broker(&link, &keys);
+        let dead = |link: RedisLink| async move {
+            let mut conn = link.conn().await.unwrap();
+            redis::cmd("LLEN")
+                .arg("tori.dead_letter")
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+        };
+        let held = vec!["held".to_owned()];
+        record_unacked(&link, &keys, &held).await;
+        assert!(broker
+            .dead_letter(Some("held"), "celery", "{}", "bad")
+            .await
+            .unwrap());
+        assert_eq!(unacked_left(&link, &keys).await, (0, 0));
+        assert_eq!(dead(link.clone()).await, 1);
+
+        // A sweep restored it meanwhile (its unacked entry is gone): it is
+        // on its queue again, so it must not be in the dead-letter list too.
+        assert!(!broker
+            .dead_letter(Some("restored"), "celery", "{}", "bad")
+            .await
+            .unwrap());
+        assert_eq!(dead(link.clone()).await, 1);
+
+        // Without a tag there is nothing to own: always recorded.
+        assert!(broker
+            .dead_letter(None, "celery", "{}", "bad")
+            .await
+            .unwrap());
+        assert_eq!(dead(link).await, 2);
     }
 }

@@ -175,6 +175,23 @@ return 1
     )
 });
 
+/// Moves an unacked message to the dead-letter list, but only while it is
+/// still ours: if a sweep (ours or another worker's) restored it in the
+/// meantime it is back on its queue and will be delivered again, and
+/// dead-lettering it too would leave one message in two places.
+/// KEYS: unacked, unacked_index, dead_letter. ARGV: tag, record.
+/// Returns 1 when dead-lettered, 0 when the message was no longer ours.
+pub static DEAD_LETTER_OWNED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[3], ARGV[2])
+return 1
+"#,
+    )
+});
+
 /// Moves an unacked message to the ETA parking set (score = due time).
 /// KEYS: unacked, unacked_index, eta set. ARGV: tag, due epoch, member.
 /// Returns 1 when parked, 0 when the message was no longer ours.

@@ -157,7 +157,9 @@ async fn give_up(ctx: &Ctx, delivery: &Delivery, tag: &str, task_id: &str, round
         .dead_letter(Some(tag), &delivery.queue, &delivery.raw, &message)
         .await
     {
-        Ok(()) => ctx.inflight.mark_acked(tag),
+        Ok(true) => ctx.inflight.mark_acked(tag),
+        // Restored meanwhile: its next delivery counts another round.
+        Ok(false) => {}
         Err(e) => {
             tracing::error!(error = %e, "could not dead-letter; the restore sweep will retry it")
         }

@@ -613,14 +613,14 @@ async fn requeue_lost(ctx: &Ctx, f: &Finish<'_>, why: String, secs: f64) {
         return;
     }
     let raw = f.delivery.raw.clone();
-    if let Err(e) = ctx
+    match ctx
         .broker
         .dead_letter(Some(f.tag), &f.delivery.queue, &raw, &message)
         .await
     {
-        tracing::error!(error = %e, "could not dead-letter the poison message");
-    } else {
-        ctx.inflight.mark_acked(f.tag);
+        Ok(true) => ctx.inflight.mark_acked(f.tag),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "could not dead-letter the poison message"),
     }
     send_failed(ctx, f, &exc.repr(), &traceback);
 }
