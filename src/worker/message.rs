@@ -526,16 +526,17 @@ async fn run(
         handed_to: None,
     };
     let write_started = ctx.cfg.track_started && !msg.ignores_result(options.ignore_result);
-    let handed_to = write_started.then(|| {
+    // `task-started` waits for the job to be in a process too, as Celery
+    // sends it when the pool accepted the job; a process being replaced may
+    // take seconds to start.
+    let send_started = ctx.events.task_events_enabled();
+    let handed_to = (write_started || send_started).then(|| {
         let (tx, rx) = tokio::sync::oneshot::channel();
         job.handed_to = Some(tx);
         rx
     });
     ctx.inflight.set_started(tag, epoch());
     tracing::info!("task started");
-    ctx.events.task("task-started", |ev| {
-        ev.field("uuid", &msg.id);
-    });
     let started = Instant::now();
     let running = ctx.pool.run(slot, job);
     // An early ack goes out once the job is handed to the pool, as Celery
@@ -555,17 +556,25 @@ async fn run(
     // STARTED names the process that has the job (Celery's pool process
     // writes its own pid): the pool says which once the job is in it, which
     // may be a process still starting. Still before the final state, which
-    // this handler writes later. A job that never reaches a process (the
-    // pool closing) gets no STARTED.
+    // this handler writes later; the event follows the stored state, as
+    // every task event here does. A job that never reaches a process (the
+    // pool closing) gets neither.
     if let Some(handed_to) = handed_to {
         if let Ok(pid) = handed_to.await {
-            let doc = StateDoc::new(
-                &msg.id,
-                State::Started,
-                json!({"pid": pid, "hostname": ctx.cfg.node_name}),
-            );
-            if let Err(e) = ctx.backend.store(&doc).await {
-                tracing::warn!(error = %e, "could not store STARTED");
+            if write_started {
+                let doc = StateDoc::new(
+                    &msg.id,
+                    State::Started,
+                    json!({"pid": pid, "hostname": ctx.cfg.node_name}),
+                );
+                if let Err(e) = ctx.backend.store(&doc).await {
+                    tracing::warn!(error = %e, "could not store STARTED");
+                }
+            }
+            if send_started {
+                ctx.events.task("task-started", |ev| {
+                    ev.field("uuid", &msg.id);
+                });
             }
         }
     }

@@ -25,6 +25,7 @@ private redis-server per test:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import re
@@ -794,14 +795,10 @@ def _events_of_publish(command: str) -> list[tuple[str, str]]:
             if isinstance(ev, dict) and str(ev.get("type", "")).startswith("task-")]
 
 
-def test_task_events_follow_the_stored_result(redis_server, worker_factory, app, redis_client):
-    """As in Celery, where the pool process stores the result before the parent
-    sends task-succeeded/-failed/-retried, whoever reacts to one of those
-    events (Flower, a monitor calling AsyncResult) finds the state already
-    stored. Checked in Redis's own command order (MONITOR), not by timing:
-    for every such event, the write of that task's state comes first."""
-    worker_factory(redis_server.url(), "-E", "--concurrency", "2")
-    client = redis_client
+@contextlib.contextmanager
+def _monitored(client):
+    """Every command Redis executes while the block runs, in Redis's own
+    order (MONITOR): the list fills on a thread and is complete on exit."""
     commands: list[str] = []
     stop = False
 
@@ -821,24 +818,17 @@ def test_task_events_follow_the_stored_result(redis_server, worker_factory, app,
 
     wait_for(monitor_live, 10, message="MONITOR never started")
     try:
-        # Enough tasks to fill the event buffer (96 events) several times:
-        # a full buffer is published at once, not after the gathering delay.
-        ok = [app.send_task("tori.echo", args=[i]) for i in range(150)]
-        bad = [app.send_task("tori.fail", args=[f"no {i}"]) for i in range(10)]
-        flaky = [app.send_task("tori.flaky", args=[1], kwargs={"countdown": 0.05}) for _ in range(5)]
-        for r in ok + flaky:
-            r.get(timeout=30)
-        for r in bad:
-            with pytest.raises(RuntimeError):
-                r.get(timeout=30)
-        time.sleep(0.5)  # the last events leave after the last stores
+        yield commands
     finally:
         stop = True
         client.get("monitor-done-marker")
         watcher.join(5)
 
-    wanted = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-retried": "RETRY"}
-    ours = {r.id for r in ok + bad + flaky}
+
+def _events_before_their_state(commands: list[str], ours: set[str], wanted: dict[str, str]):
+    """The task events of ``wanted`` (event type -> state) for tasks in
+    ``ours``, as (index, type, task id), and those of them published before
+    the first write of their state."""
     stored: dict[tuple[str, str], int] = {}  # (task id, state) -> first write
     seen: list[tuple[int, str, str]] = []
     for i, c in enumerate(commands):
@@ -850,8 +840,53 @@ def test_task_events_follow_the_stored_result(redis_server, worker_factory, app,
             continue
         seen += [(i, kind, tid) for kind, tid in _events_of_publish(c)
                  if kind in wanted and tid in ours]
-    expected = len(ok) + len(bad) + 2 * len(flaky)  # flaky: task-retried, then task-succeeded
-    assert len(seen) == expected, f"{len(seen)} task events captured, expected {expected}"
     late = [(kind, tid) for i, kind, tid in seen
             if stored.get((tid, wanted[kind]), len(commands)) > i]
+    return seen, late
+
+
+def test_task_events_follow_the_stored_result(redis_server, worker_factory, app, redis_client):
+    """As in Celery, where the pool process stores the result before the parent
+    sends task-succeeded/-failed/-retried, whoever reacts to one of those
+    events (Flower, a monitor calling AsyncResult) finds the state already
+    stored. Checked in Redis's own command order (MONITOR), not by timing:
+    for every such event, the write of that task's state comes first."""
+    worker_factory(redis_server.url(), "-E", "--concurrency", "2")
+    with _monitored(redis_client) as commands:
+        # Enough tasks to fill the event buffer (96 events) several times:
+        # a full buffer is published at once, not after the gathering delay.
+        ok = [app.send_task("tori.echo", args=[i]) for i in range(150)]
+        bad = [app.send_task("tori.fail", args=[f"no {i}"]) for i in range(10)]
+        flaky = [app.send_task("tori.flaky", args=[1], kwargs={"countdown": 0.05}) for _ in range(5)]
+        for r in ok + flaky:
+            r.get(timeout=30)
+        for r in bad:
+            with pytest.raises(RuntimeError):
+                r.get(timeout=30)
+        time.sleep(0.5)  # the last events leave after the last stores
+
+    wanted = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-retried": "RETRY"}
+    seen, late = _events_before_their_state(commands, {r.id for r in ok + bad + flaky}, wanted)
+    expected = len(ok) + len(bad) + 2 * len(flaky)  # flaky: task-retried, then task-succeeded
+    assert len(seen) == expected, f"{len(seen)} task events captured, expected {expected}"
     assert not late, f"events sent before their state was stored: {late[:5]}"
+
+
+def test_task_started_is_sent_once_a_process_has_the_job(redis_server, worker_factory, app,
+                                                         redis_client):
+    """Celery sends task-started when a pool process accepted the job. With
+    one task per process, each job waits for a process that is still
+    starting: task-started must wait too, and (with --track-started) come
+    after the STARTED its process is named in, in Redis's own order."""
+    worker_factory(redis_server.url(), "-E", "--track-started", "--concurrency", "1",
+                   "--max-tasks-per-child", "1")
+    with _monitored(redis_client) as commands:
+        tasks = [app.send_task("tori.echo", args=[i]) for i in range(6)]
+        for r in tasks:
+            r.get(timeout=30)
+        time.sleep(0.5)  # the last events leave after the last stores
+
+    seen, late = _events_before_their_state(commands, {r.id for r in tasks},
+                                            {"task-started": "STARTED"})
+    assert len(seen) == len(tasks), f"{len(seen)} task-started events captured, expected {len(tasks)}"
+    assert not late, f"task-started sent before the job was in a process: {late}"
