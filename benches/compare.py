@@ -287,6 +287,9 @@ def py_env(url: str) -> dict:
 POOLS = {"tori": "prefork", "python": "prefork"}
 # Extra tori-worker flags for experiments (--tori-args).
 TORI_EXTRA_ARGS: list[str] = []
+# Both sides' prefetch multiplier (--prefetch-multiplier); None keeps each
+# side's default (4 on both). Set on both at once so the pair stays equal.
+PREFETCH: list[int] = []
 
 
 class Worker:
@@ -304,12 +307,14 @@ class Worker:
                    "--hostname", f"tori-bench-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "warn"]
             if events:
                 cmd.append("-E")
+            cmd += [a for n in PREFETCH for a in ("--prefetch-multiplier", str(n))]
             cmd += TORI_EXTRA_ARGS
         else:
             cmd = [str(CELERY_BIN), "-A", "pyapp", "worker", "-P", POOLS["python"], "-c", str(concurrency),
                    "-n", f"py-bench-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "WARNING"]
             if events:
                 cmd.append("-E")
+            cmd += [a for n in PREFETCH for a in ("--prefetch-multiplier", str(n))]
         self.cmd = cmd
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=str(BENCHES), env=env, stdout=open(self.logf, "wb"),
@@ -742,7 +747,10 @@ def render(args, meta, data, cmdline) -> str:
              f"onnxruntime {meta['onnxruntime']}, tokenizers {meta['tokenizers']}, pypdfium2 {meta['pypdfium2']}  ")
     L.append(f"Pools: tori `{getattr(args, 'tori_pool', 'prefork')} -c 2`, Python "
              f"`{getattr(args, 'py_pool', 'prefork')} -c 2`, each at its own defaults otherwise (Celery: prefetch multiplier 4, "
-             f"mingle/gossip/heartbeat on; tori: prefetch multiplier 4, the same default). Repeats: {args.repeat}, sides alternating "
+             f"mingle/gossip/heartbeat on; tori: prefetch multiplier 4, the same default)"
+             + (f"; both sides run with `--prefetch-multiplier {args.prefetch_multiplier}`"
+                if getattr(args, "prefetch_multiplier", None) else "")
+             + f". Repeats: {args.repeat}, sides alternating "
              f"(odd repeats Python first). Cells: median (min–max)."
              + (f" Extra tori flags: `{args.tori_args}`." if getattr(args, "tori_args", "") else "") + "\n")
 
@@ -1027,6 +1035,8 @@ def main():
     ap.add_argument("--sides", default="tori,python", help="sides to run (for experiments)")
     ap.add_argument("--tori-pool", default="prefork", help="tori-worker pool (prefork|threads|solo)")
     ap.add_argument("--py-pool", default="prefork", help="Celery pool (prefork|solo|threads)")
+    ap.add_argument("--prefetch-multiplier", type=int, default=None,
+                    help="prefetch multiplier for both sides (default: each side's own, 4)")
     ap.add_argument("--tori-args", default="", help="extra tori-worker flags, space-separated (experiments)")
     ap.add_argument("--scale", type=int, default=0, help="run the scale check with this many messages instead")
     ap.add_argument("--scale-workers", type=int, default=3)
@@ -1042,6 +1052,7 @@ def main():
     only = set(args.only.split(","))
     POOLS["tori"], POOLS["python"] = args.tori_pool, args.py_pool
     TORI_EXTRA_ARGS[:] = args.tori_args.split()
+    PREFETCH[:] = [args.prefetch_multiplier] if args.prefetch_multiplier else []
     cmdline = ".venv/bin/python benches/compare.py " + " ".join(sys.argv[1:])
 
     if args.render_only:
