@@ -226,7 +226,7 @@ async fn send(link: &RedisLink, batch: &mut Vec<Request>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_redis::{command_calls, redis_and_link, Server};
+    use crate::test_redis::{command_calls, free_port, redis_and_link, spawn_redis};
     use std::time::Duration;
 
     #[tokio::test(flavor = "current_thread")]
@@ -318,11 +318,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn waits_for_redis_to_come_back() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let link = RedisLink::open(
             &format!("redis://127.0.0.1:{port}/0"),
             "test",
@@ -338,13 +334,7 @@ mod tests {
             !call.is_finished(),
             "a write must wait, not fail, while Redis is away"
         );
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let _server = Server { child, port };
+        let _server = spawn_redis(port);
         let replies = tokio::time::timeout(Duration::from_secs(15), call)
             .await
             .expect("the write did not go through after Redis came back")

@@ -26,60 +26,56 @@ impl Drop for Server {
 /// `process_id`), not just any server on the port.
 pub(crate) fn start_redis() -> Server {
     for _ in 0..20 {
-        if let Some(server) = try_start_redis() {
+        if let Some(server) = try_start_redis(free_port()) {
             return server;
         }
     }
     panic!("could not start a private redis-server on a free port in 20 tries");
 }
 
-fn try_start_redis() -> Option<Server> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A server of its own on `port`, or `None` if another process holds it.
+fn try_start_redis(port: u16) -> Option<Server> {
+    let mut server = spawn_redis(port);
+    for _ in 0..200 {
+        if let Ok(Some(_)) = server.child.try_wait() {
+            return None; // it could not bind: the port was taken meanwhile
+        }
+        if let Some(pid) = answering_pid(server.port) {
+            return (pid == server.child.id()).then_some(server);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// A port free at the moment (see [`start_redis`] for why only then).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// Starts a redis-server on `port` without waiting for it to listen.
+pub(crate) fn spawn_redis(port: u16) -> Server {
     let child = std::process::Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server must be installed (scripts/bootstrap)");
-    let mut server = Server { child, port };
-    for _ in 0..200 {
-        if let Ok(Some(_)) = server.child.try_wait() {
-            return None; // it could not bind: the port was taken meanwhile
-        }
-        if let Some(pid) = answering_pid(port) {
-            return (pid == server.child.id()).then_some(server);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = server.child.kill();
-    None
+    Server { child, port }
 }
 
 /// The `process_id` of the redis-server answering on `port`, if one does.
 fn answering_pid(port: u16) -> Option<u32> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.write_all(b"INFO server\r\n").ok()?;
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        reply.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&reply);
-        if let Some(rest) = text.split("process_id:").nth(1) {
-            if let Some(line) = rest.split("\r\n").next().filter(|_| rest.contains("\r\n")) {
-                return line.trim().parse().ok();
-            }
-        }
-    }
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .ok()?;
+    let info: redis::InfoDict = redis::cmd("INFO").arg("server").query(&mut conn).ok()?;
+    info.get("process_id")
 }
 
 /// A private server and a link to it (the server stops when dropped).
@@ -102,4 +98,16 @@ pub(crate) async fn command_calls(link: &RedisLink, command: &str) -> u64 {
     info.lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
         .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_another_server_holds_is_not_taken_for_ours() {
+        let theirs = start_redis();
+        assert!(try_start_redis(theirs.port).is_none());
+        assert_eq!(answering_pid(theirs.port), Some(theirs.child.id()));
+    }
 }
