@@ -203,6 +203,19 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub max_memory_per_child: Option<u64>,
 
+    /// Largest message, in bytes, the worker decodes; a larger one is not
+    /// decoded: its task gets FAILURE `MessageSizeExceeded` (when its id
+    /// can be read) and the message goes to the dead-letter list. 0 for no
+    /// limit.
+    #[arg(long, env = "TORI_MAX_MESSAGE_SIZE", default_value_t = 32 << 20)]
+    pub max_message_size: u64,
+
+    /// Seconds a task without a hard time limit may hold a pool process
+    /// before the worker kills that process and reports the task lost
+    /// (prefork). A task with a hard limit gets it plus 10 s. 0 for never.
+    #[arg(long, env = "TORI_JOB_WATCHDOG", default_value_t = 86_400.0)]
+    pub job_watchdog: f64,
+
     /// With late ack, put a task whose pool process died back on the queue
     /// (Celery's `task_reject_on_worker_lost`) instead of failing it.
     #[arg(long)]
@@ -260,6 +273,10 @@ pub struct WorkerConfig {
     pub soft_shutdown_timeout: Duration,
     pub max_tasks_per_child: Option<u64>,
     pub max_memory_per_child_kib: Option<u64>,
+    /// `None`: no limit.
+    pub max_message_size: Option<usize>,
+    /// `None`: never.
+    pub job_watchdog: Option<Duration>,
     pub reject_on_worker_lost: bool,
     pub pool_restarts: bool,
     pub max_redeliveries: u32,
@@ -273,7 +290,7 @@ pub struct WorkerConfig {
 pub enum ConfigError {
     #[error("no broker URL: pass --broker or set CELERY_BROKER_URL (or REDIS_URL)")]
     NoBroker,
-    #[error("{0} must be a positive number of seconds")]
+    #[error("{0} must be a positive number of seconds (at most 1e9)")]
     BadSeconds(&'static str),
     #[error("--queues must name at least one queue")]
     NoQueues,
@@ -282,10 +299,17 @@ pub enum ConfigError {
 }
 
 fn positive(value: f64, name: &'static str) -> Result<Duration, ConfigError> {
-    if value.is_finite() && value > 0.0 {
-        Ok(Duration::from_secs_f64(value))
-    } else {
-        Err(ConfigError::BadSeconds(name))
+    crate::protocol::limits::seconds(value)
+        .filter(|d| !d.is_zero())
+        .ok_or(ConfigError::BadSeconds(name))
+}
+
+/// A time limit from the command line: `None` when unset or 0 (no limit).
+fn time_limit(value: Option<f64>, name: &'static str) -> Result<Option<f64>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(0.0) => Ok(None),
+        Some(t) => positive(t, name).map(|_| Some(t)),
     }
 }
 
@@ -365,8 +389,8 @@ impl WorkerArgs {
             pool: self.pool,
             node_name: expand_node_name(&self.hostname, &host),
             prefetch_multiplier: self.prefetch_multiplier.max(1),
-            default_time_limit: self.time_limit.filter(|t| *t > 0.0),
-            default_soft_time_limit: self.soft_time_limit.filter(|t| *t > 0.0),
+            default_time_limit: time_limit(self.time_limit, "--time-limit")?,
+            default_soft_time_limit: time_limit(self.soft_time_limit, "--soft-time-limit")?,
             acks_late: self.acks_late,
             track_started: self.track_started,
             result_expires: (self.result_expires > 0)
@@ -382,6 +406,13 @@ impl WorkerArgs {
             soft_shutdown_timeout: positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?,
             max_tasks_per_child: self.max_tasks_per_child.filter(|n| *n > 0),
             max_memory_per_child_kib: self.max_memory_per_child.filter(|n| *n > 0),
+            max_message_size: (self.max_message_size > 0)
+                .then(|| usize::try_from(self.max_message_size).unwrap_or(usize::MAX)),
+            job_watchdog: if self.job_watchdog == 0.0 {
+                None
+            } else {
+                Some(positive(self.job_watchdog, "--job-watchdog")?)
+            },
             reject_on_worker_lost: self.reject_on_worker_lost,
             pool_restarts: self.pool_restarts,
             max_redeliveries: self.max_redeliveries,

@@ -14,6 +14,7 @@ pub mod broker;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

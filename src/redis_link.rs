@@ -179,6 +179,14 @@ impl RedisLink {
         inner.upgrade().map(|inner| Self { inner })
     }
 
+    /// Moves the next calls to a fresh connection; calls in flight finish
+    /// on the old one, which closes after them. A connection's buffers stay
+    /// as large as the largest command or reply it ever carried, so after a
+    /// message of tens of megabytes this is how that memory is given back.
+    pub async fn renew(&self) {
+        self.reset().await;
+    }
+
     /// Forgets the connection after an error that may have broken it.
     pub async fn reset(&self) {
         *self.inner.conn.lock().await = None;

@@ -51,6 +51,11 @@ pub struct ResultBackend {
 impl ResultBackend {
     /// `expires` is Celery's `result_expires` (default one day); `None`
     /// keeps results forever.
+    /// The connection results are written on.
+    pub fn link(&self) -> &RedisLink {
+        &self.link
+    }
+
     pub fn new(link: RedisLink, key_prefix: &str, expires: Option<Duration>) -> Self {
         Self {
             link,

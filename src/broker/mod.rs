@@ -45,6 +45,15 @@ pub enum Fetched {
         tag: String,
         error: String,
     },
+    /// Recorded in `unacked` under `tag`, but larger than
+    /// `max_message_size`, so not parsed; the caller must settle it.
+    TooLarge {
+        queue: String,
+        raw: String,
+        tag: String,
+        size: usize,
+        limit: usize,
+    },
 }
 
 /// How to reach the queues, as configured.
@@ -54,6 +63,9 @@ pub struct BrokerConfig {
     pub keys: Keys,
     pub visibility_timeout: Duration,
     pub worker_name: String,
+    /// Messages larger than this many bytes are not parsed
+    /// ([`Fetched::TooLarge`]); `None` for no limit.
+    pub max_message_size: Option<usize>,
 }
 
 /// Commands on the shared transport keys.
@@ -146,6 +158,11 @@ impl Broker {
 
     pub fn keys(&self) -> &Keys {
         &self.config.keys
+    }
+
+    /// The connection blocking fetches (BRPOP) use.
+    pub fn blocking_link(&self) -> &RedisLink {
+        &self.blocking
     }
 
     pub fn link(&self) -> &RedisLink {
@@ -280,6 +297,25 @@ impl Broker {
                 redis::from_redis_value_ref::<String>(rk)?,
             );
             let queue = order.get(q.saturating_sub(1)).cloned().unwrap_or_default();
+            if let Some(limit) = self.config.max_message_size.filter(|l| raw.len() > *l) {
+                if status == 1 {
+                    // Not parsed: the envelope alone would copy the body.
+                    out.push(Fetched::TooLarge {
+                        queue,
+                        size: raw.len(),
+                        raw: String::from_utf8(raw)
+                            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                        tag,
+                        limit,
+                    });
+                } else {
+                    out.push(Fetched::DeadLettered {
+                        queue,
+                        raw: String::from_utf8_lossy(&raw).into_owned(),
+                    });
+                }
+                continue;
+            }
             let raw = match String::from_utf8(raw) {
                 Ok(raw) => raw,
                 Err(e) => {
@@ -796,7 +832,9 @@ fn rotate(order: &mut Vec<String>, fetched: &[Fetched]) {
     for f in fetched {
         let queue = match f {
             Fetched::Message(d) => &d.queue,
-            Fetched::DeadLettered { queue, .. } | Fetched::Unreadable { queue, .. } => queue,
+            Fetched::DeadLettered { queue, .. }
+            | Fetched::Unreadable { queue, .. }
+            | Fetched::TooLarge { queue, .. } => queue,
         };
         if let Some(i) = order.iter().position(|q| q == queue) {
             let q = order.remove(i);
@@ -852,6 +890,7 @@ mod tests {
                 keys: keys.clone(),
                 visibility_timeout: Duration::from_secs(3600),
                 worker_name: "test@host".into(),
+                max_message_size: None,
             },
         )
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tasks::{CancelFlag, ProgressSink, Registry, TaskContext, TaskError};
 
-use super::ipc::{read_frame, write_frame, FromChild, ToChild};
+use super::ipc::{encode_frame, read_frame_sized, FrameError, FromChild, ToChild};
 use super::threads::panic_message;
 
 /// Frames to the parent; shared by the job loop and progress reports.
@@ -20,12 +20,35 @@ use super::threads::panic_message;
 struct Outbox(Arc<Mutex<File>>);
 
 impl Outbox {
-    fn send(&self, msg: &FromChild) {
+    /// Sends `msg` (or, when it cannot be framed, why); returns the bytes
+    /// sent.
+    fn send(&self, msg: &FromChild) -> usize {
+        let frame = match encode_frame(msg) {
+            Ok(frame) => frame,
+            // Too large for a frame: the parent hears why, in a short one.
+            Err(e) => {
+                let instead = match msg {
+                    FromChild::Done(_) => FromChild::Done(Err(crate::pool::encode_error(format!(
+                        "the task's result could not be sent to the worker: {e}"
+                    )))),
+                    FromChild::Progress(_) => {
+                        eprintln!("tori-worker pool process: progress report dropped: {e}");
+                        return 0;
+                    }
+                    _ => FromChild::Panicked(format!("a pool process frame failed: {e}")),
+                };
+                match encode_frame(&instead) {
+                    Ok(frame) => frame,
+                    Err(_) => std::process::exit(70),
+                }
+            }
+        };
         let mut out = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if write_frame(&mut *out, msg).is_err() {
+        if out.write_all(&frame).and_then(|()| out.flush()).is_err() {
             // The parent is gone; nothing left to do for anyone.
             std::process::exit(0);
         }
+        frame.len()
     }
 }
 
@@ -33,6 +56,14 @@ struct FrameProgress(Outbox);
 
 impl ProgressSink for FrameProgress {
     fn progress(&self, meta: serde_json::Value) {
+        // The same limit as results: a report the parent could not read
+        // would cost the job, so it is dropped and said on stderr.
+        if let Err(too_deep) =
+            crate::protocol::limits::check_depth(&meta, || "a progress report".into())
+        {
+            eprintln!("tori-worker pool process: progress report dropped: {too_deep}");
+            return;
+        }
         self.0.send(&FromChild::Progress(meta));
     }
 }
@@ -74,7 +105,22 @@ pub fn run_child(registry: Registry) -> std::io::Result<()> {
     let progress = FrameProgress(outbox.clone());
     let mut stdin = BufReader::new(std::io::stdin().lock());
     // stdin closed: the parent wants us gone (recycling or shutdown).
-    while let Ok(Some(ToChild::Run(job))) = read_frame::<ToChild>(&mut stdin) {
+    loop {
+        let (job, frame_len) = match read_frame_sized::<ToChild>(&mut stdin) {
+            Ok(Some((ToChild::Run(job), len))) => (job, len),
+            Ok(None) => break,
+            // Read whole but not understood: the stream is still in step,
+            // and the parent fails that job and replaces this process.
+            Err(e @ FrameError::Unreadable { .. }) => {
+                outbox.send(&FromChild::Unreadable(e.to_string()));
+                continue;
+            }
+            Err(e) => {
+                outbox.send(&FromChild::Unreadable(e.to_string()));
+                eprintln!("tori-worker pool process: cannot read from the worker: {e}");
+                std::process::exit(65);
+            }
+        };
         cancel.reset();
         let reply = match registry.get(&job.name) {
             None => FromChild::Done(Err(TaskError::failed(tasks::PyException::new(
@@ -93,12 +139,18 @@ pub fn run_child(registry: Registry) -> std::io::Result<()> {
                 match std::panic::catch_unwind(AssertUnwindSafe(|| {
                     task.call(&ctx, job.args, job.kwargs)
                 })) {
-                    Ok(result) => FromChild::Done(result),
+                    Ok(result) => FromChild::Done(crate::pool::carriable(result)),
                     Err(payload) => FromChild::Panicked(panic_message(payload.as_ref())),
                 }
             }
         };
-        outbox.send(&reply);
+        let reply_len = outbox.send(&reply);
+        drop(reply);
+        // A process stays warm for the next job; after a large one it
+        // should not also stay large.
+        if frame_len.max(reply_len) >= crate::memory::LARGE_MESSAGE {
+            crate::memory::release_to_os();
+        }
     }
     let _ = std::io::stderr().flush();
     Ok(())

@@ -76,6 +76,53 @@ pub enum JobOutcome {
     WorkerLost(String),
 }
 
+/// A task's result as a pool hands it on, within the limits of what the
+/// worker can carry (`protocol::limits`): a value nested deeper becomes a
+/// FAILURE with kombu's `EncodeError`, Celery's outcome for a result its
+/// serializer cannot encode, instead of a frame or document that the next
+/// hop could not read.
+pub fn carriable(result: Result<Value, TaskError>) -> Result<Value, TaskError> {
+    use crate::protocol::limits::check_depth;
+    match result {
+        Ok(value) => match check_depth(&value, || "the task's return value".into()) {
+            Ok(()) => Ok(value),
+            Err(too_deep) => Err(encode_error(too_deep.to_string())),
+        },
+        Err(TaskError::Failed {
+            exception,
+            traceback,
+        }) => match exception
+            .args
+            .iter()
+            .try_for_each(|a| check_depth(a, || "an argument of the task's exception".into()))
+        {
+            Ok(()) => Err(TaskError::Failed {
+                exception,
+                traceback,
+            }),
+            Err(too_deep) => Err(TaskError::Failed {
+                exception: tasks::PyException::new(
+                    &exception.module,
+                    &exception.name,
+                    format!("({too_deep}; its arguments were dropped)"),
+                ),
+                traceback,
+            }),
+        },
+        other => other,
+    }
+}
+
+/// `kombu.exceptions.EncodeError(message)`: a result the worker cannot
+/// carry back.
+pub fn encode_error(message: impl Into<String>) -> TaskError {
+    TaskError::failed(tasks::PyException::new(
+        "kombu.exceptions",
+        "EncodeError",
+        message,
+    ))
+}
+
 /// A claim on one execution slot; dropping it frees the slot.
 #[derive(Debug)]
 pub struct Slot {

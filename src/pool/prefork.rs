@@ -25,7 +25,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
-use super::ipc::{read_frame_async, write_frame_async, FromChild, JobSpec, ToChild};
+use super::ipc::{encode_frame, read_frame_async, FromChild, ToChildRef};
 use super::{Job, JobOutcome, Pool, Slot};
 use crate::redis_link::Backoff;
 
@@ -37,7 +37,23 @@ pub struct PreforkConfig {
     pub child_args: Vec<String>,
     pub max_tasks_per_child: Option<u64>,
     pub max_memory_kib: Option<u64>,
+    /// The longest a job may hold its process when it has no hard time
+    /// limit (`--job-watchdog`); `None` for never.
+    pub job_watchdog: Option<Duration>,
 }
+
+/// How long past its hard time limit a job may hold its process before the
+/// watchdog recovers it: the supervisor's own limit handling (a kill and a
+/// wait) should have ended it well within this.
+const WATCHDOG_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a child whose frames stopped (end of stream) may take to exit
+/// before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Longest wait for a killed child to be reaped; a process stuck in the
+/// kernel must not hold the supervisor.
+const REAP_WAIT: Duration = Duration::from_secs(5);
 
 struct Dispatch {
     job: Job,
@@ -282,7 +298,9 @@ fn rss_kib(pid: u32) -> Option<u64> {
 struct Running {
     child: Child,
     stdin: Option<ChildStdin>,
-    frames: mpsc::UnboundedReceiver<FromChild>,
+    /// Frames from the child; an `Err` is the last item, saying why its
+    /// stream could not be read on (the reader stops there).
+    frames: mpsc::UnboundedReceiver<Result<FromChild, String>>,
     pid: u32,
 }
 
@@ -300,23 +318,42 @@ async fn spawn_child(cfg: &PreforkConfig) -> std::io::Result<Running> {
     let (tx, mut frames) = mpsc::unbounded_channel();
     // Reading a frame is not cancel-safe, so one task owns the reader and
     // the supervisor selects on the channel instead.
+    // A frame that cannot be read ends the reader, but never silently: the
+    // supervisor is told why and ends the job (a reader that just stopped
+    // once left a live, idle child holding its slot for ever).
     tokio::spawn(async move {
         let mut reader = BufReader::new(stdout);
-        while let Ok(Some(frame)) = read_frame_async::<FromChild>(&mut reader).await {
-            if tx.send(frame).is_err() {
-                break;
+        loop {
+            match read_frame_async::<FromChild>(&mut reader).await {
+                Ok(Some(frame)) => {
+                    if tx.send(Ok(frame)).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    break;
+                }
             }
         }
     });
     match tokio::time::timeout(Duration::from_secs(300), frames.recv()).await {
-        Ok(Some(FromChild::Ready { .. })) => Ok(Running {
+        Ok(Some(Ok(FromChild::Ready { .. }))) => Ok(Running {
             child,
             stdin,
             frames,
             pid,
         }),
-        Ok(_) => {
-            let status = child.wait().await.ok();
+        Ok(Some(other)) => {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(REAP_WAIT, child.wait()).await;
+            Err(std::io::Error::other(format!(
+                "child {pid} sent {other:?} instead of Ready during initialisation; killed"
+            )))
+        }
+        Ok(None) => {
+            let status = reap(&mut child, EXIT_GRACE).await;
             Err(std::io::Error::other(format!(
                 "child {pid} exited during initialisation ({})",
                 describe_exit(status)
@@ -388,15 +425,33 @@ async fn supervise(
                     }
                 },
             };
-            let spec = JobSpec {
-                id: dispatch.job.id.clone(),
-                name: dispatch.job.name.clone(),
-                args: dispatch.job.args.clone(),
-                kwargs: dispatch.job.kwargs.clone(),
+            let frame = encode_frame(&ToChildRef::Run {
+                id: &dispatch.job.id,
+                name: &dispatch.job.name,
+                args: &dispatch.job.args,
+                kwargs: &dispatch.job.kwargs,
                 retries: dispatch.job.retries,
+            });
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) => {
+                    // Larger than a frame may be: the child is untouched
+                    // and serves the next job.
+                    tracing::error!(child = index, task_id = %dispatch.job.id, task_name = %dispatch.job.name, error = %e, "job too large to hand to a pool process");
+                    shared.push_idle(index);
+                    let Dispatch { slot, reply, .. } = dispatch;
+                    let _ = reply.send(JobOutcome::Finished {
+                        result: Err(crate::pool::encode_error(format!(
+                            "the job could not be handed to a pool process: {e}"
+                        ))),
+                        pid: running.pid,
+                    });
+                    drop(slot);
+                    continue;
+                }
             };
             let stdin = running.stdin.as_mut().expect("stdin open while serving");
-            if write_frame_async(stdin, &ToChild::Run(spec)).await.is_err() {
+            if write_all_flush(stdin, &frame).await.is_err() {
                 // The child died before it got the job: the job is intact,
                 // run it on the replacement.
                 tracing::warn!(
@@ -406,8 +461,7 @@ async fn supervise(
                 );
                 shared.restarts.add("exited-idle");
                 pending = Some(dispatch);
-                let _ = running.child.start_kill();
-                let _ = running.child.wait().await;
+                kill(&mut running).await;
                 shared.set_pid(index, None);
                 continue 'spawn;
             }
@@ -418,7 +472,7 @@ async fn supervise(
             if let Some(handed_to) = dispatch.job.handed_to.take() {
                 let _ = handed_to.send(running.pid);
             }
-            let end = watch_job(&cfg, &mut running, &dispatch.job, &shared.abort).await;
+            let end = watched(&cfg, &mut running, &dispatch.job, &shared.abort).await;
             dispatch
                 .job
                 .pid
@@ -474,8 +528,7 @@ async fn retire(running: &mut Running) {
         .await
         .is_err()
     {
-        let _ = running.child.start_kill();
-        let _ = running.child.wait().await;
+        kill(running).await;
     }
 }
 
@@ -502,16 +555,46 @@ async fn watch_job(
     loop {
         tokio::select! {
             frame = running.frames.recv() => match frame {
-                Some(FromChild::Progress(meta)) => job.progress.progress(meta),
-                Some(FromChild::Done(result)) => {
+                Some(Ok(FromChild::Progress(meta))) => job.progress.progress(meta),
+                Some(Ok(FromChild::Done(result))) => {
                     return JobEnd { outcome: JobOutcome::Finished { result, pid: running.pid }, replace: None };
                 }
-                Some(FromChild::Panicked(message)) => {
+                Some(Ok(FromChild::Panicked(message))) => {
                     return JobEnd { outcome: JobOutcome::Panicked(message), replace: None };
                 }
-                Some(FromChild::Ready { .. }) => {}
+                Some(Ok(FromChild::Ready { .. })) => {}
+                Some(Ok(FromChild::Unreadable(why))) => {
+                    kill(running).await;
+                    tracing::error!(pid = running.pid, task_id = %job.id, task_name = %job.name, error = %why, "pool process could not read its job; killed and replaced");
+                    return JobEnd {
+                        outcome: JobOutcome::Finished {
+                            result: Err(tasks::TaskError::failed(tasks::PyException::new(
+                                "kombu.exceptions",
+                                "DecodeError",
+                                format!("the pool process could not read the job: {why}"),
+                            ))),
+                            pid: running.pid,
+                        },
+                        replace: Some("unreadable-frame"),
+                    };
+                }
+                Some(Err(why)) => {
+                    // What the child sent cannot be read, so this job's
+                    // outcome is lost with it: end the job, say why.
+                    kill(running).await;
+                    tracing::error!(pid = running.pid, task_id = %job.id, task_name = %job.name, error = %why, "could not read a pool process's reply; process killed and replaced");
+                    return JobEnd {
+                        outcome: JobOutcome::Finished {
+                            result: Err(crate::pool::encode_error(format!(
+                                "the task's outcome could not be carried back from its pool process: {why}"
+                            ))),
+                            pid: running.pid,
+                        },
+                        replace: Some("unreadable-frame"),
+                    };
+                }
                 None => {
-                    let status = running.child.wait().await.ok();
+                    let status = reap(&mut running.child, EXIT_GRACE).await;
                     let how = describe_exit(status);
                     tracing::error!(pid = running.pid, status = %how, task_id = %job.id, task_name = %job.name, "pool process died while running a task; replacing it");
                     return JobEnd {
@@ -582,5 +665,204 @@ async fn signal_then_kill(running: &mut Running, signal: i32) {
 
 async fn kill(running: &mut Running) {
     let _ = running.child.start_kill();
-    let _ = running.child.wait().await;
+    let _ = tokio::time::timeout(REAP_WAIT, running.child.wait()).await;
+}
+
+/// Waits up to `grace` for a child whose output ended to exit, then kills
+/// it: a child that closed its stdout but lives on must not hold a slot.
+async fn reap(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
+        return status.ok();
+    }
+    let _ = child.start_kill();
+    tokio::time::timeout(REAP_WAIT, child.wait())
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
+async fn write_all_flush(stdin: &mut ChildStdin, frame: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stdin.write_all(frame).await?;
+    stdin.flush().await
+}
+
+/// [`watch_job`] under the job watchdog: whatever the cause, a job that
+/// holds its process past its hard time limit (plus a grace for the
+/// supervisor's own kill), or past `--job-watchdog` when it has none, is
+/// recovered: its process killed and replaced, the job reported lost.
+async fn watched(
+    cfg: &PreforkConfig,
+    running: &mut Running,
+    job: &Job,
+    abort: &tokio_util::sync::CancellationToken,
+) -> JobEnd {
+    let limit = match job.hard_limit {
+        Some(hard) => Some(hard.saturating_add(WATCHDOG_GRACE)),
+        None => cfg.job_watchdog,
+    };
+    let Some(limit) = limit else {
+        return watch_job(cfg, running, job, abort).await;
+    };
+    match tokio::time::timeout(limit, watch_job(cfg, running, job, abort)).await {
+        Ok(end) => end,
+        Err(_) => {
+            kill(running).await;
+            let why = match job.hard_limit {
+                Some(hard) => format!(
+                    "the job held its pool process {} s past its hard time limit of {} s",
+                    WATCHDOG_GRACE.as_secs(),
+                    hard.as_secs_f64()
+                ),
+                None => format!(
+                    "the job ran longer than --job-watchdog ({} s), the limit for a task without a hard time limit",
+                    limit.as_secs_f64()
+                ),
+            };
+            tracing::error!(pid = running.pid, task_id = %job.id, task_name = %job.name, reason = %why, "job watchdog: pool process killed and replaced");
+            JobEnd {
+                outcome: JobOutcome::WorkerLost(format!(
+                    "Job watchdog: {why}; its process (pid {}) was killed",
+                    running.pid
+                )),
+                replace: Some("watchdog"),
+            }
+        }
+    }
+}
+
+/// The supervisor against real processes that misbehave on the pipe: a
+/// shell script stands in for the pool process, says Ready like one, then
+/// breaks the protocol in the way each test names.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoProgress;
+    impl tasks::ProgressSink for NoProgress {
+        fn progress(&self, _meta: serde_json::Value) {}
+    }
+
+    /// `printf` text for one frame carrying `json`.
+    fn frame(json: &str) -> String {
+        let len = (json.len() as u32).to_be_bytes();
+        let prefix: String = len.iter().map(|b| format!("\\{b:03o}")).collect();
+        format!("{prefix}{}", json.replace('%', "%%"))
+    }
+
+    /// A pool whose one process runs `script` (sh) after sending Ready.
+    fn pool(script: &str, job_watchdog: Option<Duration>) -> PreforkPool {
+        let ready = frame(r#"{"Ready":{"pid":1}}"#);
+        PreforkPool::start(PreforkConfig {
+            size: 1,
+            exe: "/bin/sh".into(),
+            child_args: vec!["-c".into(), format!("printf '{ready}'; {script}")],
+            max_tasks_per_child: None,
+            max_memory_kib: None,
+            job_watchdog,
+        })
+    }
+
+    fn job(hard_limit: Option<Duration>) -> Job {
+        Job {
+            task: Arc::new(tasks::diagnostics::Echo),
+            id: "job-1".into(),
+            name: "tori.echo".into(),
+            args: vec![serde_json::json!("x")],
+            kwargs: Default::default(),
+            retries: 0,
+            soft_limit: None,
+            hard_limit,
+            cancel: Arc::new(tasks::CancelFlag::new()),
+            progress: Arc::new(NoProgress),
+            terminate: Arc::default(),
+            terminate_signal: Arc::new(std::sync::atomic::AtomicI32::new(15)),
+            pid: Arc::default(),
+            handed_to: None,
+        }
+    }
+
+    /// Runs one job; fails the test if the pool does not answer in 60 s
+    /// (the wedge these tests guard against).
+    async fn run_one(pool: &PreforkPool, job: Job) -> JobOutcome {
+        let slot = tokio::time::timeout(Duration::from_secs(60), pool.acquire())
+            .await
+            .expect("a free slot");
+        tokio::time::timeout(Duration::from_secs(60), pool.run(slot, job))
+            .await
+            .expect("the job ended instead of holding its slot")
+            .expect("an outcome")
+    }
+
+    /// A reply frame the parent cannot parse (nested past serde_json's
+    /// limit) ends the job with an EncodeError that says so, the process
+    /// is replaced, and the slot is free again.
+    #[tokio::test]
+    async fn an_unreadable_reply_ends_the_job_and_frees_the_slot() {
+        let deep = format!(
+            r#"{{"Done":{{"Ok":{}1{}}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        // Read the job (whatever it is), answer garbage, then idle alive.
+        let p = pool(
+            &format!(
+                "head -c 4 >/dev/null; printf '{}'; exec sleep 600",
+                frame(&deep)
+            ),
+            None,
+        );
+        match run_one(&p, job(None)).await {
+            JobOutcome::Finished { result: Err(e), .. } => {
+                let text = format!("{e:?}");
+                assert!(text.contains("EncodeError"), "{text}");
+                assert!(text.contains("could not be carried back"), "{text}");
+                assert!(text.contains("recursion limit"), "{text}");
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+        assert_eq!(p.restarts().get("unreadable-frame"), Some(&1));
+        // The slot is free: the replacement answers the same way.
+        assert!(matches!(
+            run_one(&p, job(None)).await,
+            JobOutcome::Finished { result: Err(_), .. }
+        ));
+    }
+
+    /// A process that closes its output but lives on is killed, not waited
+    /// for: the job is reported lost.
+    #[tokio::test]
+    async fn a_process_that_closes_its_pipe_but_lives_is_killed() {
+        let p = pool("exec 1>&-; exec sleep 600", None);
+        match run_one(&p, job(None)).await {
+            JobOutcome::WorkerLost(why) => assert!(why.contains("signal 9"), "{why}"),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+
+    /// A process that takes the job and never answers is recovered by the
+    /// watchdog when the job has no hard time limit.
+    #[tokio::test]
+    async fn the_watchdog_recovers_a_job_without_a_hard_limit() {
+        let p = pool("exec sleep 600", Some(Duration::from_millis(500)));
+        match run_one(&p, job(None)).await {
+            JobOutcome::WorkerLost(why) => {
+                assert!(why.contains("Job watchdog"), "{why}");
+                assert!(why.contains("--job-watchdog"), "{why}");
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+        assert_eq!(p.restarts().get("watchdog"), Some(&1));
+    }
+
+    /// A job with a hard limit ends at that limit through the ordinary
+    /// path, not the watchdog's.
+    #[tokio::test]
+    async fn a_hard_limit_is_not_the_watchdogs_business() {
+        let p = pool("exec sleep 600", Some(Duration::from_millis(200)));
+        assert!(matches!(
+            run_one(&p, job(Some(Duration::from_millis(700)))).await,
+            JobOutcome::HardTimeLimit(_)
+        ));
+    }
 }

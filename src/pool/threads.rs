@@ -58,7 +58,7 @@ pub fn run_job_here(job: &Job) -> JobOutcome {
     }));
     match outcome {
         Ok(result) => JobOutcome::Finished {
-            result,
+            result: super::carriable(result),
             pid: std::process::id(),
         },
         Err(payload) => JobOutcome::Panicked(panic_message(payload.as_ref())),

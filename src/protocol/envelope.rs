@@ -218,6 +218,45 @@ impl ReadEnvelope {
     }
 }
 
+/// The task a raw message is for, read without decoding (or copying) its
+/// body: the `id`/`task` headers, else the `correlation_id` property. For
+/// a message the worker will not decode (too large, or not a readable
+/// envelope), so that its task still ends in a stored state. `None` when
+/// not even that can be read.
+pub fn peek_task(raw: &[u8]) -> Option<(String, Option<String>)> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        headers: Option<PeekHeaders>,
+        #[serde(default)]
+        properties: Option<PeekProperties>,
+    }
+    #[derive(Deserialize)]
+    struct PeekHeaders {
+        #[serde(default)]
+        id: Option<Value>,
+        #[serde(default)]
+        task: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    struct PeekProperties {
+        #[serde(default)]
+        correlation_id: Option<Value>,
+    }
+    let text = String::from_utf8_lossy(raw);
+    let peek: Peek = serde_json::from_str(&text).ok()?;
+    let string = |v: Option<Value>| match v {
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        _ => None,
+    };
+    let (id, task) = match peek.headers {
+        Some(h) => (string(h.id), string(h.task)),
+        None => (None, None),
+    };
+    let id = id.or_else(|| string(peek.properties.and_then(|p| p.correlation_id)))?;
+    Some((id, task))
+}
+
 impl PartialEq for Envelope {
     fn eq(&self, other: &Self) -> bool {
         self.as_object() == other.as_object()

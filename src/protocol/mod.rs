@@ -4,6 +4,7 @@
 
 pub mod canvas;
 pub mod envelope;
+pub mod limits;
 pub mod outgoing;
 pub mod pyjson;
 pub mod result;

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use thiserror::Error;
 
 use super::envelope::{Envelope, EnvelopeError, Present};
+use super::limits;
 
 /// The only serializers this worker will deserialize. Pickle is never
 /// loaded: it executes code chosen by whoever can write to the queue.
@@ -33,6 +34,64 @@ pub enum DecodeError {
         task_id: String,
         task_name: Option<String>,
     },
+    /// A readable message with a field whose value cannot be used (an eta
+    /// that is no time, a time limit that is no number of seconds, args
+    /// that are no list): the Python exception a Celery user would get
+    /// for it.
+    #[error("{message}")]
+    Invalid { exception: PyError, message: String },
+}
+
+/// The builtin Python exceptions a bad field is reported as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PyError {
+    ValueError,
+    TypeError,
+}
+
+impl DecodeError {
+    /// The Python exception (module, name) the task's FAILURE carries when
+    /// the message can be attributed to a task id.
+    pub fn exception(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Envelope(_) | Self::Malformed(_) => ("kombu.exceptions", "DecodeError"),
+            Self::Refused { .. } => ("kombu.exceptions", "ContentDisallowed"),
+            Self::Invalid {
+                exception: PyError::ValueError,
+                ..
+            } => ("builtins", "ValueError"),
+            Self::Invalid {
+                exception: PyError::TypeError,
+                ..
+            } => ("builtins", "TypeError"),
+        }
+    }
+
+    fn value(message: String) -> Self {
+        Self::Invalid {
+            exception: PyError::ValueError,
+            message,
+        }
+    }
+
+    fn type_error(message: String) -> Self {
+        Self::Invalid {
+            exception: PyError::TypeError,
+            message,
+        }
+    }
+}
+
+/// The task a message is for, as far as it can be read without decoding
+/// its body: the `id` and `task` headers (protocol 2), else kombu's
+/// `correlation_id` property, which carries the task id in both protocols.
+/// Lets a message whose body cannot be decoded still end in a stored state.
+pub fn attribute(envelope: &Envelope) -> Option<(String, Option<String>)> {
+    let headers = envelope.headers();
+    let id = str_of(headers.get("id"))
+        .or_else(|| str_field(envelope.properties(), "correlation_id"))
+        .filter(|id| !id.is_empty())?;
+    Some((id, str_of(headers.get("task"))))
 }
 
 /// `timelimit` header: Celery writes **[hard, soft]** (SPEC §8).
@@ -112,7 +171,12 @@ impl TaskMessage {
             CONTENT_TYPE_JSON | "json" => serde_json::from_slice::<Value>(&body_bytes)
                 .map_err(|e| DecodeError::Malformed(format!("body is not JSON: {e}"))),
             CONTENT_TYPE_MSGPACK | "application/msgpack" => {
-                rmp_serde::from_slice::<Value>(&body_bytes)
+                // The same depth as serde_json allows, so both serializers
+                // refuse at one depth (`limits`), and well before a deep
+                // value could exhaust the stack.
+                let mut de = rmp_serde::Deserializer::from_read_ref(&body_bytes);
+                de.set_max_depth(limits::MAX_DOCUMENT_DEPTH);
+                serde::Deserialize::deserialize(&mut de)
                     .map_err(|e| DecodeError::Malformed(format!("body is not msgpack: {e}")))
             }
             other => {
@@ -177,6 +241,7 @@ impl TaskMessage {
         };
         let args = as_args(args)?;
         let kwargs = as_kwargs(kwargs)?;
+        check_values(&args, &kwargs)?;
         let embed = embed.as_object().cloned().unwrap_or_default();
 
         Ok(Self {
@@ -185,8 +250,8 @@ impl TaskMessage {
             parent_id: str_of(header("parent_id")),
             eta: time_of("eta", header("eta"))?,
             expires: time_of("expires", header("expires"))?,
-            retries: u32_of(header("retries")),
-            time_limit: time_limit(header("timelimit")),
+            retries: retries_of(header("retries"))?,
+            time_limit: time_limit(header("timelimit"))?,
             group: str_of(header("group")),
             group_index: header("group_index").and_then(Value::as_i64),
             shadow: str_of(header("shadow")),
@@ -215,14 +280,17 @@ impl TaskMessage {
             .ok_or_else(|| DecodeError::Malformed("protocol 1 body has no `id`".into()))?;
         let task = str_field(&body, "task")
             .ok_or_else(|| DecodeError::Malformed("protocol 1 `task` is not a string".into()))?;
+        let args = as_args(body.get("args").cloned().unwrap_or(Value::Null))?;
+        let kwargs = as_kwargs(body.get("kwargs").cloned().unwrap_or(Value::Null))?;
+        check_values(&args, &kwargs)?;
         Ok(Self {
             protocol: 1,
-            args: as_args(body.get("args").cloned().unwrap_or(Value::Null))?,
-            kwargs: as_kwargs(body.get("kwargs").cloned().unwrap_or(Value::Null))?,
+            args,
+            kwargs,
             eta: time_field(&body, "eta")?,
             expires: time_field(&body, "expires")?,
-            retries: u32_field(&body, "retries"),
-            time_limit: time_limit(body.get("timelimit")),
+            retries: retries_of(body.get("retries"))?,
+            time_limit: time_limit(body.get("timelimit"))?,
             root_id: Some(id.clone()),
             parent_id: None,
             group: str_field(&body, "group").or_else(|| str_field(&body, "taskset")),
@@ -299,15 +367,49 @@ fn str_field(map: &Map<String, Value>, key: &str) -> Option<String> {
     str_of(map.get(key))
 }
 
-fn u32_of(value: Option<&Value>) -> u32 {
-    value
-        .and_then(Value::as_u64)
-        .map(|n| n.min(u32::MAX as u64) as u32)
-        .unwrap_or(0)
+/// `retries`: absent or null is 0; otherwise a whole number from 0 up.
+fn retries_of(value: Option<&Value>) -> Result<u32, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(r) => u32::try_from(r)
+                .map_err(|_| DecodeError::value(format!("`retries` is too large: {n}"))),
+            None => Err(DecodeError::value(format!(
+                "`retries` must be a whole number >= 0, got {n}"
+            ))),
+        },
+        Some(other) => Err(DecodeError::type_error(format!(
+            "`retries` must be an int, got {}",
+            py_type(other)
+        ))),
+    }
 }
 
-fn u32_field(map: &Map<String, Value>, key: &str) -> u32 {
-    u32_of(map.get(key))
+/// Every argument and keyword value within the depth the worker can carry
+/// to a pool process and back (`limits`).
+fn check_values(args: &[Value], kwargs: &Map<String, Value>) -> Result<(), DecodeError> {
+    for (i, a) in args.iter().enumerate() {
+        limits::check_depth(a, || format!("args[{i}]"))
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    }
+    for (k, v) in kwargs {
+        limits::check_depth(v, || format!("kwargs[{k:?}]"))
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Python's name for a JSON value's type, for error messages.
+fn py_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "NoneType",
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_f64() => "float",
+        Value::Number(_) => "int",
+        Value::String(_) => "str",
+        Value::Array(_) => "list",
+        Value::Object(_) => "dict",
+    }
 }
 
 fn list_field(map: &Map<String, Value>, key: &str) -> Vec<Value> {
@@ -321,8 +423,9 @@ fn as_args(value: Value) -> Result<Vec<Value>, DecodeError> {
     match value {
         Value::Array(a) => Ok(a),
         Value::Null => Ok(Vec::new()),
-        other => Err(DecodeError::Malformed(format!(
-            "args must be a list, got {other}"
+        other => Err(DecodeError::type_error(format!(
+            "args must be a list or tuple, got {}",
+            py_type(&other)
         ))),
     }
 }
@@ -331,20 +434,45 @@ fn as_kwargs(value: Value) -> Result<Map<String, Value>, DecodeError> {
     match value {
         Value::Object(m) => Ok(m),
         Value::Null => Ok(Map::new()),
-        other => Err(DecodeError::Malformed(format!(
-            "kwargs must be a dict, got {other}"
+        other => Err(DecodeError::type_error(format!(
+            "kwargs must be a dict, got {}",
+            py_type(&other)
         ))),
     }
 }
 
-fn time_limit(value: Option<&Value>) -> TimeLimit {
-    let part = |v: Option<&Value>| v.and_then(Value::as_f64).filter(|s| *s > 0.0);
+/// `timelimit`: `[hard, soft]`, each null or seconds (0 meaning none, as in
+/// Celery). Anything else is reported, not guessed at: a limit the worker
+/// silently dropped would let a task run unbounded.
+fn time_limit(value: Option<&Value>) -> Result<TimeLimit, DecodeError> {
+    let part = |which: &str, v: Option<&Value>| match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            let secs = n.as_f64().unwrap_or(f64::NAN);
+            match limits::seconds(secs) {
+                Some(d) if d.is_zero() => Ok(None),
+                Some(_) => Ok(Some(secs)),
+                None => Err(DecodeError::value(format!(
+                    "timelimit {which} must be a number of seconds from 0 to {:e}, got {n}",
+                    limits::MAX_SECONDS
+                ))),
+            }
+        }
+        Some(other) => Err(DecodeError::type_error(format!(
+            "timelimit {which} must be a number, got {}",
+            py_type(other)
+        ))),
+    };
     match value {
-        Some(Value::Array(pair)) => TimeLimit {
-            hard: part(pair.first()),
-            soft: part(pair.get(1)),
-        },
-        _ => TimeLimit::default(),
+        None | Some(Value::Null) => Ok(TimeLimit::default()),
+        Some(Value::Array(pair)) if pair.len() <= 2 => Ok(TimeLimit {
+            hard: part("hard", pair.first())?,
+            soft: part("soft", pair.get(1))?,
+        }),
+        Some(other) => Err(DecodeError::type_error(format!(
+            "timelimit must be a [hard, soft] pair, got {}",
+            py_type(other)
+        ))),
     }
 }
 
@@ -356,15 +484,20 @@ fn time_of(key: &str, value: Option<&Value>) -> Result<Option<DateTime<Utc>>, De
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => parse_time(s).map(Some).ok_or_else(|| {
-            DecodeError::Malformed(format!("`{key}` is not an ISO-8601 time: {s:?}"))
+            DecodeError::value(format!(
+                "`{key}` is not an ISO-8601 time: {:?}",
+                s.chars().take(100).collect::<String>()
+            ))
         }),
         Some(Value::Number(n)) => n
             .as_f64()
+            .filter(|secs| secs.is_finite())
             .and_then(|secs| Utc.timestamp_millis_opt((secs * 1000.0) as i64).single())
             .map(Some)
-            .ok_or_else(|| DecodeError::Malformed(format!("`{key}` is not a valid epoch: {n}"))),
-        Some(other) => Err(DecodeError::Malformed(format!(
-            "`{key}` has an unexpected type: {other}"
+            .ok_or_else(|| DecodeError::value(format!("`{key}` is not a valid epoch: {n}"))),
+        Some(other) => Err(DecodeError::type_error(format!(
+            "`{key}` must be an ISO-8601 string, got {}",
+            py_type(other)
         ))),
     }
 }

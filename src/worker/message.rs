@@ -15,10 +15,12 @@ use tracing::Instrument;
 use super::handler_panic;
 use super::inflight::{Entry, InFlight, Phase};
 use super::outcome::{self, Finish};
-use super::{preview, Ctx};
+use super::unrunnable::{self, Unrunnable};
+use super::Ctx;
 use crate::broker::Delivery;
 use crate::pool::Job;
 use crate::protocol::result::exception_value;
+use crate::protocol::task_message::attribute;
 use crate::protocol::{DecodeError, State, StateDoc, TaskMessage};
 
 /// Decodes a delivery and records it as held, synchronously, so that a
@@ -31,13 +33,17 @@ pub(crate) fn accept(
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send + 'static {
     let tag = delivery.envelope.delivery_tag().to_owned();
+    let large = (delivery.raw.len() >= crate::memory::LARGE_MESSAGE)
+        .then(crate::memory::LargeMessage::begin);
     let decoded = handler_panic::decode(&ctx, &delivery.envelope);
     let (task_id, task_name) = match &decoded {
         Ok(m) => (m.id.clone(), m.task.clone()),
         Err(DecodeError::Refused {
             task_id, task_name, ..
         }) => (task_id.clone(), task_name.clone().unwrap_or_default()),
-        Err(_) => (String::new(), String::new()),
+        Err(_) => attribute(&delivery.envelope)
+            .map(|(id, name)| (id, name.unwrap_or_default()))
+            .unwrap_or_default(),
     };
     let msg = decoded.as_ref().ok();
     let env = &delivery.envelope;
@@ -112,6 +118,10 @@ pub(crate) fn accept(
             if !abandoned {
                 ctx.inflight.remove_delivery(&tag, serial);
             }
+            if let Some(large) = large {
+                drop(delivery);
+                ctx.shed_large_message(large).await;
+            }
         }
         .instrument(span),
     )
@@ -136,19 +146,20 @@ async fn handle(
             refuse(ctx, delivery, tag, &task_id, &content_type).await;
         }
         Err(e) => {
-            tracing::error!(
-                queue = %delivery.queue,
-                size = delivery.raw.len(),
-                preview = %preview(&delivery.raw),
-                error = %e,
-                "malformed task message moved to the dead-letter list"
-            );
-            if let Err(err) = ctx
-                .broker
-                .dead_letter(Some(tag), &delivery.queue, &delivery.raw, &e.to_string())
-                .await
-            {
-                tracing::error!(error = %err, "could not dead-letter; the restore sweep will retry it");
+            let settled = unrunnable::settle(
+                ctx.unrunnable_handles(),
+                Unrunnable {
+                    queue: &delivery.queue,
+                    tag,
+                    raw: &delivery.raw,
+                    task: attribute(&delivery.envelope),
+                    exception: e.exception(),
+                    reason: e.to_string(),
+                },
+            )
+            .await;
+            if settled {
+                ctx.inflight.mark_acked(tag);
             }
         }
     }
@@ -516,8 +527,10 @@ async fn run(
         args: msg.args.clone(),
         kwargs: msg.kwargs.clone(),
         retries: msg.retries,
-        soft_limit: soft.map(Duration::from_secs_f64),
-        hard_limit: hard.map(Duration::from_secs_f64),
+        // Validated where they came from (message, task, command line);
+        // a number that still is no duration means no limit, not a panic.
+        soft_limit: soft.and_then(crate::protocol::limits::seconds),
+        hard_limit: hard.and_then(crate::protocol::limits::seconds),
         cancel: Arc::new(CancelFlag::new()),
         progress: Arc::new(ChannelProgress(progress_tx)),
         terminate,

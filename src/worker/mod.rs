@@ -24,6 +24,7 @@ mod outcome;
 pub(crate) mod rate_limit;
 pub(crate) mod revoked;
 mod supervise;
+mod unrunnable;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -96,6 +97,45 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
+    /// After a message of [`crate::memory::LARGE_MESSAGE`] or more: the
+    /// Redis connections that carried it (its fetch, its result, its
+    /// dead-letter record) are renewed, since each keeps buffers the size
+    /// of the largest thing it carried, and the allocator is asked to
+    /// return what is free to the OS.
+    ///
+    /// `large` is kept a second longer, in the background: a renewed
+    /// connection's task frees its buffers only once its last request is
+    /// answered, and those frees should be returned at once too.
+    pub(crate) async fn shed_large_message(&self, large: crate::memory::LargeMessage) {
+        self.broker.link().renew().await;
+        self.broker.blocking_link().renew().await;
+        self.backend.link().renew().await;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Pages freed from another thread wait for their owner to
+            // collect them: ask every runtime thread, as far as spawning
+            // reaches them, while freed memory is still returned at once.
+            let collects: Vec<_> = (0..8)
+                .map(|_| tokio::spawn(async { crate::memory::release_to_os() }))
+                .collect();
+            for c in collects {
+                let _ = c.await;
+            }
+            drop(large);
+        });
+        tracing::debug!("renewed Redis connections and released memory after a large message");
+    }
+
+    /// The handles that settling a message the worker will not run needs.
+    pub(crate) fn unrunnable_handles(&self) -> unrunnable::Handles<'_> {
+        unrunnable::Handles {
+            backend: &self.backend,
+            broker: &self.broker,
+            events: &self.events,
+            metrics: &self.metrics,
+        }
+    }
+
     /// Adds `n` pool processes and the prefetch room for them.
     pub fn grow_pool(&self, n: usize) {
         self.pool.grow(n);
@@ -199,6 +239,7 @@ impl Worker {
                 keys: crate::broker::keys::Keys::new(&cfg.key_prefix, &cfg.dead_letter_key),
                 visibility_timeout: cfg.visibility_timeout,
                 worker_name: cfg.node_name.clone(),
+                max_message_size: cfg.max_message_size,
             },
         );
         let backend = ResultBackend::new(backend_link, "", cfg.result_expires);
@@ -225,6 +266,7 @@ impl Worker {
                     child_args,
                     max_tasks_per_child: cfg.max_tasks_per_child,
                     max_memory_kib: cfg.max_memory_per_child_kib,
+                    job_watchdog: cfg.job_watchdog,
                 }))
             }
             PoolKind::Threads => Arc::new(ThreadPool::new("threads", cfg.concurrency)),
@@ -463,12 +505,43 @@ async fn consume(ctx: &Arc<Ctx>, handlers: &TaskTracker) {
                             tag,
                             error,
                         } => {
-                            tracing::error!(queue, size = raw.len(), preview = %preview(&raw), %error, "unreadable message; moving it to the dead-letter list");
                             let ctx = ctx.clone();
                             handlers.spawn(async move {
-                                if let Err(e) = ctx.broker.dead_letter(Some(&tag), &queue, &raw, &error).await {
-                                    tracing::error!(error = %e, "could not dead-letter; the restore sweep will retry it");
-                                }
+                                unrunnable::settle_unparsed(
+                                    ctx.unrunnable_handles(),
+                                    &queue,
+                                    &tag,
+                                    &raw,
+                                    ("kombu.exceptions", "DecodeError"),
+                                    format!("unreadable message: {error}"),
+                                )
+                                .await;
+                                drop(permit);
+                            });
+                        }
+                        Fetched::TooLarge {
+                            queue,
+                            raw,
+                            tag,
+                            size,
+                            limit,
+                        } => {
+                            let large = crate::memory::LargeMessage::begin();
+                            let ctx = ctx.clone();
+                            handlers.spawn(async move {
+                                unrunnable::settle_unparsed(
+                                    ctx.unrunnable_handles(),
+                                    &queue,
+                                    &tag,
+                                    &raw,
+                                    ("kombu.exceptions", "MessageSizeExceeded"),
+                                    format!(
+                                        "message of {size} bytes exceeds the worker's --max-message-size of {limit} bytes; not decoded"
+                                    ),
+                                )
+                                .await;
+                                drop(raw);
+                                ctx.shed_large_message(large).await;
                                 drop(permit);
                             });
                         }

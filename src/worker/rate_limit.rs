@@ -62,7 +62,12 @@ impl RateLimits {
         };
         let now = Instant::now();
         let start = (*next).max(now);
-        *next = start + Duration::from_secs_f64(1.0 / *rate);
+        // A rate so small its interval is no duration waits the longest
+        // a limit may ask (`limits::MAX_SECONDS`) rather than panic.
+        let interval = crate::protocol::limits::seconds(1.0 / *rate).unwrap_or(
+            Duration::from_secs_f64(crate::protocol::limits::MAX_SECONDS),
+        );
+        *next = start.checked_add(interval).unwrap_or(start);
         start - now
     }
 }

@@ -74,7 +74,9 @@ impl Revoked {
         let (now, wall) = (Instant::now(), unix_now());
         let mut added = 0;
         for (id, at) in entries {
-            let age = Duration::from_secs_f64((wall - at).max(0.0));
+            // `at` comes from another process: a time that is no number
+            // of seconds ago counts as too old, not as a panic.
+            let age = Duration::try_from_secs_f64((wall - at).max(0.0)).unwrap_or(Duration::MAX);
             if age > REVOKED_TTL || map.contains_key(id) {
                 continue;
             }

@@ -122,7 +122,10 @@ impl Task for Spin {
     /// Burns CPU in a loop that never looks at its cancel flag, like a
     /// parser stuck on a malformed file.
     fn run(&self, _ctx: &TaskContext<'_>, args: SpinArgs) -> Result<u64, TaskError> {
-        let until = Instant::now() + Duration::from_secs_f64(args.seconds.max(0.0));
+        let until = Duration::try_from_secs_f64(args.seconds.max(0.0))
+            .ok()
+            .and_then(|d| Instant::now().checked_add(d))
+            .ok_or_else(|| TaskError::value(format!("seconds is too large: {}", args.seconds)))?;
         let mut n = 0u64;
         while Instant::now() < until {
             n = black_box(n.wrapping_add(1));

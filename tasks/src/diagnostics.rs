@@ -94,7 +94,15 @@ impl Task for Sleep {
                 args.seconds
             )));
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        let deadline = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .and_then(|d| Instant::now().checked_add(d))
+            .ok_or_else(|| {
+                TaskError::value(format!(
+                    "seconds is too large to sleep for: {}",
+                    args.seconds
+                ))
+            })?;
         loop {
             ctx.checkpoint()?;
             let now = Instant::now();
