@@ -10,6 +10,11 @@
 //! the body, then marks the chord done so a late redelivery cannot call
 //! it again.
 //!
+//! Celery 4.4 and 5.0 clients write no size key (`.s`); the size travels
+//! as `chord_size` in the body signature each header task carries, and
+//! their workers counted against it. The caller passes that size and it is
+//! used when `.s` is absent, so those chords complete too.
+//!
 //! Knows keys, scripts and member documents; what to do with the results
 //! (publish the body, or fail it) is the caller's.
 
@@ -31,9 +36,10 @@ const CHORD_EXPIRES_SECS: u64 = 86_400;
 ///
 /// KEYS: .j .t .s .d <group key> .c
 /// ARGV: task id, member, group index (or +inf), key expiry, claim
-/// seconds, token.
+/// seconds, token, the size the body signature carries (0: none).
 /// Returns {ready, totaldiff, size, claimed}; ready = -1 when the chord
-/// was already called.
+/// was already called. The `.s` key wins over the carried size: only
+/// Celery <= 5.0 clients carry one, and they never write `.s`.
 static PART_RETURN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -48,7 +54,7 @@ for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 local t = redis.call('GET', KEYS[2])
 local s = redis.call('GET', KEYS[3])
 local total = (t and tonumber(t)) or 0
-local size = (s and tonumber(s)) or 0
+local size = (s and tonumber(s)) or tonumber(ARGV[7]) or 0
 local claimed = 0
 if size > 0 and ready == size + total then
   if redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[5]) then claimed = 1 end
@@ -107,12 +113,18 @@ impl ResultBackend {
     /// Records a header task's final state (`member` is
     /// `[1, task_id, state, result]` as Python's json.dumps writes it),
     /// retrying while Redis is away: a lost count would strand the chord.
+    ///
+    /// `carried_size` is the `chord_size` of the body signature the header
+    /// task's message carries. Celery 4.4 and 5.0 clients write no `.s`
+    /// key; their workers counted against that size (plus `.t`), so it is
+    /// used when `.s` is absent, as a Celery 5.0 worker would.
     pub async fn chord_part_return(
         &self,
         group_id: &str,
         task_id: &str,
         group_index: Option<i64>,
         member: &str,
+        carried_size: Option<u64>,
     ) -> Result<ChordCount, RedisError> {
         let keys: Vec<String> = [".j", ".t", ".s", ".d", "", ".c"]
             .iter()
@@ -133,11 +145,12 @@ impl ResultBackend {
                     .arg(&score)
                     .arg(CHORD_EXPIRES_SECS)
                     .arg(CLAIM_SECS)
-                    .arg(&token);
+                    .arg(&token)
+                    .arg(carried_size.unwrap_or(0));
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        let [ready, _total, size, claimed] = reply[..] else {
+        let [ready, total, size, claimed] = reply[..] else {
             return Err(RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
                 "chord count script returned an unexpected reply",
@@ -147,7 +160,8 @@ impl ResultBackend {
             return Ok(ChordCount::AlreadyDone);
         }
         if claimed == 0 {
-            return Ok(if size > 0 && ready >= size {
+            // `.t` counts header tasks replaced by more, as in the script.
+            return Ok(if size > 0 && ready >= size + total {
                 ChordCount::ClaimedElsewhere
             } else {
                 ChordCount::Waiting { ready, size }
@@ -307,6 +321,73 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((size.as_deref(), done), (Some("3"), None));
+    }
+
+    /// Counts `n` header results of chord `g` as tasks `t0..`, each
+    /// carrying `carried` as its body's size.
+    async fn count(backend: &ResultBackend, n: usize, carried: Option<u64>) -> Vec<ChordCount> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let id = format!("t{i}");
+            let member = format!(r#"[1, "{id}", "SUCCESS", {i}]"#);
+            let got = backend
+                .chord_part_return("g", &id, Some(i as i64), &member, carried)
+                .await
+                .unwrap();
+            out.push(got);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn without_a_size_key_the_carried_size_completes_the_chord() {
+        let (_server, link) = redis_and_link();
+        let backend = ResultBackend::new(link.clone(), "", None);
+        // A Celery 5.0 client: no `.s`, size 3 in the body signature.
+        let got = count(&backend, 3, Some(3)).await;
+        assert_eq!(got[0], ChordCount::Waiting { ready: 1, size: 3 });
+        assert_eq!(got[1], ChordCount::Waiting { ready: 2, size: 3 });
+        let ChordCount::Claimed { token, members } = &got[2] else {
+            panic!("the third of three did not claim the chord: {:?}", got[2]);
+        };
+        let results: Vec<Value> = members.iter().map(|m| m.result.clone()).collect();
+        assert_eq!(results, [Value::from(0), Value::from(1), Value::from(2)]);
+        backend.chord_finished("g", token).await.unwrap();
+        let again = backend
+            .chord_part_return("g", "t2", Some(2), r#"[1, "t2", "SUCCESS", 2]"#, Some(3))
+            .await
+            .unwrap();
+        assert_eq!(again, ChordCount::AlreadyDone);
+
+        // `.t` (header tasks replaced by more) adds to it, as in Celery 5.0.
+        let (_server, link) = redis_and_link();
+        let backend = ResultBackend::new(link.clone(), "", None);
+        let mut conn = link.conn().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("celery-taskset-meta-g.t")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let got = count(&backend, 3, Some(2)).await;
+        assert_eq!(got[1], ChordCount::Waiting { ready: 2, size: 2 });
+        assert!(matches!(got[2], ChordCount::Claimed { .. }), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn the_size_key_wins_over_the_carried_size() {
+        let (_server, link) = redis_and_link();
+        let backend = ResultBackend::new(link.clone(), "", None);
+        backend.set_chord_size("g", 3).await.unwrap();
+        let got = count(&backend, 3, Some(2)).await;
+        assert_eq!(got[1], ChordCount::Waiting { ready: 2, size: 3 });
+        assert!(matches!(got[2], ChordCount::Claimed { .. }), "{got:?}");
+
+        // Neither: the chord waits for a size (a newer client's `.s`).
+        let (_server, link) = redis_and_link();
+        let backend = ResultBackend::new(link.clone(), "", None);
+        let got = count(&backend, 2, None).await;
+        assert_eq!(got[1], ChordCount::Waiting { ready: 2, size: 0 });
     }
 
     #[test]

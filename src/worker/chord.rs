@@ -30,7 +30,13 @@ pub(crate) async fn part_return(ctx: &Ctx, msg: &TaskMessage, doc: &StateDoc, bo
     let member = pyjson::to_string(&json!([1, msg.id, doc.state.as_str(), doc.result]));
     let count = match ctx
         .backend
-        .chord_part_return(group_id, &msg.id, msg.group_index, &member)
+        .chord_part_return(
+            group_id,
+            &msg.id,
+            msg.group_index,
+            &member,
+            carried_chord_size(body),
+        )
         .await
     {
         Ok(count) => count,
@@ -68,6 +74,20 @@ pub(crate) async fn part_return(ctx: &Ctx, msg: &TaskMessage, doc: &StateDoc, bo
         tracing::error!(error = %e, group_id, "could not mark the chord done");
     }
 }
+
+/// The chord size the body signature carries (`chord_size`, a top-level
+/// field of the signature dict), which Celery 4.4 and 5.0 clients set in
+/// `_chord.run` instead of writing the `.s` key; their workers read it as
+/// `request.chord['chord_size']`. Newer clients leave it out. Anything but
+/// a whole number a Lua script counts exactly is no size at all.
+pub(crate) fn carried_chord_size(body: &Value) -> Option<u64> {
+    body.get("chord_size")
+        .and_then(Value::as_u64)
+        .filter(|n| *n <= MAX_CARRIED_SIZE)
+}
+
+/// Redis scripts count in doubles: 2^53 is the last exact integer.
+const MAX_CARRIED_SIZE: u64 = 1 << 53;
 
 /// The header results in group order, or the ChordError message for the
 /// first header that failed (Celery: `Dependency <id> raised <repr>`).
@@ -265,6 +285,25 @@ mod tests {
         assert_eq!(shape(&saved, &by_id), Some(json!([[12, 22], 6])));
         let missing = HashMap::from([("b", &b), ("d", &d)]);
         assert_eq!(shape(&saved, &missing), None);
+    }
+
+    #[test]
+    fn the_carried_chord_size_is_a_whole_number_or_nothing() {
+        // As a Celery 5.0 client sends it: a top-level field of the body.
+        let body = json!({"task": "tori.echo", "options": {}, "chord_size": 3});
+        assert_eq!(carried_chord_size(&body), Some(3));
+        // Celery >= 5.1 clients leave it out (or None).
+        assert_eq!(carried_chord_size(&json!({"task": "t"})), None);
+        assert_eq!(carried_chord_size(&json!({"chord_size": null})), None);
+        for bad in [
+            json!(-1),
+            json!(2.5),
+            json!("3"),
+            json!(1e300),
+            json!(u64::MAX),
+        ] {
+            assert_eq!(carried_chord_size(&json!({ "chord_size": bad })), None);
+        }
     }
 
     #[test]
