@@ -6,6 +6,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod dead_letter_cli;
+
 use anyhow::Context as _;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
@@ -44,6 +46,10 @@ fn main() -> anyhow::Result<()> {
             init_logging(&loglevel, LogFormat::Text);
             let registry = tori_worker::task_registry(enable_chaos_tasks);
             tori_worker::pool::child::run_child(registry).context("pool process")
+        }
+        Some(Command::DeadLetter(args)) => {
+            init_logging("warn", LogFormat::Text);
+            dead_letter_cli::run(*args)
         }
         Some(Command::Worker(args)) => run_worker(*args),
         None => run_worker(cli.worker),

@@ -199,6 +199,7 @@ impl Worker {
                 keys: crate::broker::keys::Keys::new(&cfg.key_prefix, &cfg.dead_letter_key),
                 visibility_timeout: cfg.visibility_timeout,
                 worker_name: cfg.node_name.clone(),
+                dead_letter_max: cfg.dead_letter_max,
             },
         );
         let backend = ResultBackend::new(backend_link, "", cfg.result_expires);
