@@ -162,9 +162,6 @@ impl Broker {
     /// Counts `written` new dead letters whose push trimmed `trimmed` old
     /// ones, and says so: trimmed records are gone for good.
     fn count_dead_letters(&self, written: u64, trimmed: u64) {
-        self.dead_letters
-            .written
-            .fetch_add(written, Ordering::Relaxed);
         if trimmed > 0 {
             self.dead_letters
                 .trimmed
@@ -176,6 +173,11 @@ impl Broker {
                 "dead-letter list is full (--dead-letter-max): dropped its oldest records"
             );
         }
+        // After the trimmed count: whoever sees a write counted sees what
+        // it trimmed.
+        self.dead_letters
+            .written
+            .fetch_add(written, Ordering::Relaxed);
     }
 
     pub fn config(&self) -> &BrokerConfig {

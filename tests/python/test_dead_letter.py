@@ -108,15 +108,18 @@ def test_dead_letter_max_keeps_the_newest(worker_factory, redis_server, redis_cl
     node = "dlqmax@tests"
     worker_factory(redis_server.url(), "--concurrency", "2", "--dead-letter-max", "3",
                    "--metrics-addr", f"127.0.0.1:{port}", hostname=node)
-    kinds = ["not_json_text", "bad_base64_body"] * 3
+    kinds = ["bad_base64_body", "not_json_text"] * 3
     markers = []
     for i, kind in enumerate(kinds[:5]):
         markers.append(f"cap-{i}-{uuid.uuid4().hex[:8]}")
         redis_client.lpush("celery", garbage_message(kind, markers[-1]))
-        # one at a time, so which records are the newest is known
+        # one at a time, so which records are the newest is known, and each
+        # kind of push is seen to trim
         wait_for(lambda: metric(port, "tori_dead_letters_total", node) == i + 1, 15,
                  message=lambda: f"dead letters written: "
                                  f"{metric(port, 'tori_dead_letters_total', node)}")
+        assert redis_client.llen(DEAD_LETTER) == min(i + 1, 3), (i, kind)
+        assert metric(port, "tori_dead_letters_trimmed_total", node) == max(0, i - 2), (i, kind)
     held = [json.loads(r)["raw"] for r in redis_client.lrange(DEAD_LETTER, 0, -1)]
     assert len(held) == 3, held
     for raw, marker in zip(held, reversed(markers[2:])):
