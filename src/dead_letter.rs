@@ -170,7 +170,8 @@ impl Record {
 fn unwrap_unacked_entry(raw: &str) -> Option<(Value, Option<String>)> {
     let value: Value = serde_json::from_str(raw).ok()?;
     if let Value::Array(items) = &value {
-        if let [message @ Value::Object(_), Value::String(_), Value::String(rk)] = items.as_slice() {
+        if let [message @ Value::Object(_), Value::String(_), Value::String(rk)] = items.as_slice()
+        {
             return Some((message.clone(), Some(rk.clone())));
         }
     }
@@ -188,7 +189,10 @@ pub fn task_identity(raw: &str) -> (Option<String>, Option<String>) {
         return (text(headers, "id"), text(headers, "task"));
     }
     let body = message.get("body").and_then(Value::as_str).and_then(|b| {
-        match message.pointer("/properties/body_encoding").and_then(Value::as_str) {
+        match message
+            .pointer("/properties/body_encoding")
+            .and_then(Value::as_str)
+        {
             Some("base64") => base64::engine::general_purpose::STANDARD.decode(b).ok(),
             _ => Some(b.as_bytes().to_vec()),
         }
@@ -495,7 +499,8 @@ mod tests {
 
     #[test]
     fn old_records_get_a_stable_derived_id_and_new_ones_their_own() {
-        let old = r#"{"reason": "r", "queue": "celery", "received_at": 1.0, "worker": "w", "raw": "x"}"#;
+        let old =
+            r#"{"reason": "r", "queue": "celery", "received_at": 1.0, "worker": "w", "raw": "x"}"#;
         let a = Record::parse(old.to_owned());
         assert_eq!(a.id, Record::parse(old.to_owned()).id);
         assert_eq!(a.id.len(), 16);
@@ -579,7 +584,12 @@ mod tests {
             Err(DeadLetterError::NotFound(_))
         ));
         // --all leaves what it cannot requeue, and says so.
-        lpush(&link, &keys.dead_letter, &new_record("b", "celery", 2.0, "w", &envelope("t2", "celery", 0))).await;
+        lpush(
+            &link,
+            &keys.dead_letter,
+            &new_record("b", "celery", 2.0, "w", &envelope("t2", "celery", 0)),
+        )
+        .await;
         let (requeued, skipped) = dl.requeue_all(None).await.unwrap();
         assert_eq!(requeued.len(), 1);
         assert_eq!(requeued[0].task_id.as_deref(), Some("t2"));
@@ -618,7 +628,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got.len(), 4);
-        assert!(got.iter().all(|f| matches!(f, Fetched::DeadLettered { .. })));
+        assert!(got
+            .iter()
+            .all(|f| matches!(f, Fetched::DeadLettered { .. })));
         let kept: Vec<Record> = lrange(&link, &keys.dead_letter)
             .await
             .into_iter()
@@ -628,13 +640,18 @@ mod tests {
         assert_eq!(raws, ["garbage 3", "garbage 2", "garbage 1"]);
         let ids: HashSet<_> = kept.iter().map(|r| r.id.clone()).collect();
         assert_eq!(ids.len(), 3, "ids must be unique: {ids:?}");
-        assert!(kept.iter().all(|r| r.fields.as_ref().unwrap().contains_key("id")));
+        assert!(kept
+            .iter()
+            .all(|r| r.fields.as_ref().unwrap().contains_key("id")));
         let counts = broker.dead_letter_counts();
         assert_eq!(counts.trimmed.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(counts.written.load(std::sync::atomic::Ordering::Relaxed), 4);
 
         // The plain push (no delivery tag) and the owned one trim too.
-        assert!(broker.dead_letter(None, "celery", "plain", "r").await.unwrap());
+        assert!(broker
+            .dead_letter(None, "celery", "plain", "r")
+            .await
+            .unwrap());
         let _: () = redis::pipe()
             .zadd(&keys.unacked_index, "held", 1)
             .hset(&keys.unacked, "held", "[{}, \"\", \"celery\"]")
@@ -656,7 +673,10 @@ mod tests {
 
         // 0 = no limit.
         let unlimited = broker_with_max(&link, &keys, 0);
-        assert!(unlimited.dead_letter(None, "celery", "more", "r").await.unwrap());
+        assert!(unlimited
+            .dead_letter(None, "celery", "more", "r")
+            .await
+            .unwrap());
         assert_eq!(lrange(&link, &keys.dead_letter).await.len(), 4);
     }
 }

@@ -149,7 +149,11 @@ fn print_table(records: &[Summary]) {
 fn print_record(record: &Record) {
     let s = record.summary();
     println!("id:          {}", s.id);
-    println!("received_at: {} ({})", when(s.received_at), s.received_at.map_or_else(|| "?".into(), |t| t.to_string()));
+    println!(
+        "received_at: {} ({})",
+        when(s.received_at),
+        s.received_at.map_or_else(|| "?".into(), |t| t.to_string())
+    );
     println!("queue:       {}", clean(s.queue.as_deref()));
     println!("reason:      {}", clean(s.reason.as_deref()));
     println!("worker:      {}", clean(s.worker.as_deref()));
