@@ -96,7 +96,7 @@ pub enum DeadLetterError {
     NoRaw(String),
     #[error("dead letter {0} names no queue to requeue to; pass --queue")]
     NoQueue(String),
-    #[error(transparent)]
+    #[error("the broker is unreachable or refused the command: {0}")]
     Redis(#[from] RedisError),
 }
 

@@ -49,7 +49,13 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::DeadLetter(args)) => {
             init_logging("warn", LogFormat::Text);
-            dead_letter_cli::run(*args)
+            // The reason alone, one line: an operator's mistake (an unknown
+            // id) is not a crash, so no backtrace even with RUST_BACKTRACE.
+            if let Err(e) = dead_letter_cli::run(*args) {
+                eprintln!("tori-worker dead-letter: {e}");
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Some(Command::Worker(args)) => run_worker(*args),
         None => run_worker(cli.worker),
