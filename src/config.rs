@@ -44,6 +44,8 @@ pub enum Command {
         #[arg(long)]
         options: Option<String>,
     },
+    /// Inspect and act on the dead-letter list: list, show, requeue, purge.
+    DeadLetter(Box<DeadLetterArgs>),
     /// A prefork pool process (started by the worker, not by hand).
     #[command(hide = true)]
     PoolChild {
@@ -51,6 +53,46 @@ pub enum Command {
         loglevel: String,
         #[arg(long)]
         enable_chaos_tasks: bool,
+    },
+}
+
+/// `tori-worker dead-letter [BROKER FLAGS] ACTION [--json]`.
+#[derive(Debug, Args)]
+pub struct DeadLetterArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: DeadLetterAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// The records, newest first.
+    List,
+    /// One record in full, raw message included.
+    Show {
+        /// The record's id (see `list`).
+        id: String,
+    },
+    /// Put records' messages back on their queues and remove the records.
+    Requeue {
+        /// The record's id (see `list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every record.
+        #[arg(long)]
+        all: bool,
+        /// Push to this queue instead of the record's own.
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Delete every record, or only the one with ID.
+    Purge {
+        /// The record's id (see `list`); all records when omitted.
+        id: Option<String>,
     },
 }
 
@@ -70,12 +112,43 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the broker's keys are: shared by the worker and the
+/// `dead-letter` command, so both read the same flags and variables.
 #[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
+pub struct BrokerArgs {
     /// Broker URL: redis://[:password@]host[:port][/db], rediss:// (TLS),
     /// unix:///path/to/socket?db=N.
     #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
     pub broker: Option<String>,
+
+    /// Prefix for every broker key (kombu's `global_keyprefix`).
+    #[arg(long, default_value = "")]
+    pub key_prefix: String,
+
+    /// Redis list that receives messages no worker can ever run.
+    #[arg(long, default_value = "tori.dead_letter")]
+    pub dead_letter_key: String,
+}
+
+impl BrokerArgs {
+    /// `--broker`, else `CELERY_BROKER_URL` (through clap), else `REDIS_URL`.
+    pub fn broker_url(&self) -> Result<String, ConfigError> {
+        self.broker
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(redis_url_env)
+            .ok_or(ConfigError::NoBroker)
+    }
+}
+
+fn redis_url_env() -> Option<String> {
+    std::env::var("REDIS_URL").ok().filter(|s| !s.is_empty())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
 
     /// Result backend URL (a Redis URL); defaults to the broker URL.
     #[arg(long, env = "CELERY_RESULT_BACKEND")]
@@ -168,9 +241,12 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 10_000)]
     pub max_held_eta: usize,
 
-    /// Redis list that receives messages no worker can ever run.
-    #[arg(long, default_value = "tori.dead_letter")]
-    pub dead_letter_key: String,
+    /// Most records kept in the dead-letter list: each push trims it to
+    /// the newest N in the same step (counted in /metrics as
+    /// `tori_dead_letters_trimmed_total`), so poison messages cannot fill
+    /// Redis. 0 = no limit.
+    #[arg(long, default_value_t = 10_000, env = "TORI_DEAD_LETTER_MAX")]
+    pub dead_letter_max: u64,
 
     /// Queue for the messages this worker publishes whose signature names
     /// no queue: chain links, callbacks, errbacks, chord bodies (Celery's
@@ -179,10 +255,6 @@ pub struct WorkerArgs {
     /// such signatures when they must go elsewhere.
     #[arg(long, env = "TORI_DEFAULT_QUEUE", default_value = "celery")]
     pub default_queue: String,
-
-    /// Prefix for every broker key (kombu's `global_keyprefix`).
-    #[arg(long, default_value = "")]
-    pub key_prefix: String,
 
     /// Seconds a warm shutdown waits for running tasks before restoring
     /// them (late ack) and exiting.
@@ -268,6 +340,8 @@ pub struct WorkerConfig {
     pub eta_horizon: Duration,
     pub max_held_eta: usize,
     pub dead_letter_key: String,
+    /// 0 = no limit.
+    pub dead_letter_max: u64,
     pub default_queue: String,
     pub key_prefix: String,
     pub soft_shutdown_timeout: Duration,
@@ -337,18 +411,12 @@ pub fn expand_node_name(template: &str, host: &str) -> String {
 
 impl WorkerArgs {
     pub fn resolve(&self) -> Result<WorkerConfig, ConfigError> {
-        let redis_url = std::env::var("REDIS_URL").ok().filter(|s| !s.is_empty());
-        let broker_url = self
-            .broker
-            .clone()
-            .filter(|s| !s.is_empty())
-            .or_else(|| redis_url.clone())
-            .ok_or(ConfigError::NoBroker)?;
+        let broker_url = self.broker.broker_url()?;
         let backend_url = self
             .result_backend
             .clone()
             .filter(|s| !s.is_empty())
-            .or(redis_url)
+            .or_else(redis_url_env)
             .unwrap_or_else(|| broker_url.clone());
         let queues: Vec<String> = self
             .queues
@@ -400,9 +468,10 @@ impl WorkerArgs {
             restore_interval: positive(self.restore_interval, "--restore-interval")?,
             eta_horizon: positive(self.eta_horizon, "--eta-horizon")?,
             max_held_eta: self.max_held_eta,
-            dead_letter_key: self.dead_letter_key.clone(),
+            dead_letter_key: self.broker.dead_letter_key.clone(),
+            dead_letter_max: self.dead_letter_max,
             default_queue: self.default_queue.clone(),
-            key_prefix: self.key_prefix.clone(),
+            key_prefix: self.broker.key_prefix.clone(),
             soft_shutdown_timeout: positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?,
             max_tasks_per_child: self.max_tasks_per_child.filter(|n| *n > 0),
             max_memory_per_child_kib: self.max_memory_per_child.filter(|n| *n > 0),
@@ -461,6 +530,32 @@ mod tests {
         assert!(cfg.acks_late);
         let cli = Cli::try_parse_from(["tori-worker", "worker", "--broker", "redis://h"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Worker(_))));
+        let cli = Cli::try_parse_from([
+            "tori-worker",
+            "dead-letter",
+            "--broker",
+            "redis://h",
+            "--dead-letter-key",
+            "dl",
+            "requeue",
+            "--all",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::DeadLetter(dl)) = cli.command else {
+            panic!("not dead-letter: {:?}", cli.command);
+        };
+        assert_eq!(dl.broker.broker_url().unwrap(), "redis://h");
+        assert_eq!(dl.broker.dead_letter_key, "dl");
+        assert!(dl.json);
+        assert!(matches!(
+            dl.action,
+            DeadLetterAction::Requeue {
+                id: None,
+                all: true,
+                ..
+            }
+        ));
         let cli = Cli::try_parse_from(["tori-worker", "tasks", "--json"]).unwrap();
         assert!(matches!(
             cli.command,

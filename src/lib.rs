@@ -5,6 +5,8 @@
 //! - [`redis_link`]: one reconnecting Redis connection.
 //! - [`broker`]: the kombu Redis transport (queues, unacked bookkeeping,
 //!   restore) — knows messages, not tasks.
+//! - [`dead_letter`]: reading and acting on the dead-letter list
+//!   (`tori-worker dead-letter`).
 //! - [`backend`]: the Celery Redis result backend.
 //! - [`pool`]: where task code runs.
 //! - [`worker`]: one message's life, wiring the above together.
@@ -13,6 +15,7 @@ pub mod backend;
 pub mod broker;
 pub mod config;
 pub mod control;
+pub mod dead_letter;
 pub mod events;
 pub mod memory;
 pub mod metrics;

@@ -6,6 +6,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod dead_letter_cli;
+
 use anyhow::Context as _;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
@@ -44,6 +46,16 @@ fn main() -> anyhow::Result<()> {
             init_logging(&loglevel, LogFormat::Text);
             let registry = tori_worker::task_registry(enable_chaos_tasks);
             tori_worker::pool::child::run_child(registry).context("pool process")
+        }
+        Some(Command::DeadLetter(args)) => {
+            init_logging("warn", LogFormat::Text);
+            // The reason alone, one line: an operator's mistake (an unknown
+            // id) is not a crash, so no backtrace even with RUST_BACKTRACE.
+            if let Err(e) = dead_letter_cli::run(*args) {
+                eprintln!("tori-worker dead-letter: {e}");
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Some(Command::Worker(args)) => run_worker(*args),
         None => run_worker(cli.worker),

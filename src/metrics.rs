@@ -164,6 +164,17 @@ pub async fn render(ctx: &Ctx) -> String {
         "# TYPE tori_processed_total counter\ntori_processed_total{{worker=\"{node}\"}} {}",
         ctx.processed.load(Ordering::Relaxed)
     );
+    let dead = ctx.broker.dead_letter_counts();
+    let _ = writeln!(
+        out,
+        "# HELP tori_dead_letters_total Messages this worker moved to the dead-letter list.\n# TYPE tori_dead_letters_total counter\ntori_dead_letters_total{{worker=\"{node}\"}} {}",
+        dead.written.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tori_dead_letters_trimmed_total Oldest dead-letter records dropped by this worker's pushes (--dead-letter-max).\n# TYPE tori_dead_letters_trimmed_total counter\ntori_dead_letters_trimmed_total{{worker=\"{node}\"}} {}",
+        dead.trimmed.load(Ordering::Relaxed)
+    );
     out
 }
 

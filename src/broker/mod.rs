@@ -7,6 +7,7 @@
 pub mod keys;
 pub mod scripts;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,6 +67,17 @@ pub struct BrokerConfig {
     /// Messages larger than this many bytes are not parsed
     /// ([`Fetched::TooLarge`]); `None` for no limit.
     pub max_message_size: Option<usize>,
+    /// Most records kept in the dead-letter list (`--dead-letter-max`);
+    /// 0 = no limit.
+    pub dead_letter_max: u64,
+}
+
+/// Dead letters this process wrote, and old records its pushes trimmed
+/// off the list (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct DeadLetterCounts {
+    pub written: AtomicU64,
+    pub trimmed: AtomicU64,
 }
 
 /// Commands on the shared transport keys.
@@ -77,6 +89,7 @@ pub struct Broker {
     config: BrokerConfig,
     /// Early acks waiting for the next batched write (see `ack_deferred`).
     early_acks: Arc<Mutex<EarlyAcks>>,
+    dead_letters: Arc<DeadLetterCounts>,
 }
 
 /// Early acks gathered until their write goes out, and who waits on each.
@@ -149,7 +162,34 @@ impl Broker {
             blocking,
             config,
             early_acks: Arc::default(),
+            dead_letters: Arc::default(),
         }
+    }
+
+    /// Dead letters written and old records trimmed, since start.
+    pub fn dead_letter_counts(&self) -> &DeadLetterCounts {
+        &self.dead_letters
+    }
+
+    /// Counts `written` new dead letters whose push trimmed `trimmed` old
+    /// ones, and says so: trimmed records are gone for good.
+    fn count_dead_letters(&self, written: u64, trimmed: u64) {
+        if trimmed > 0 {
+            self.dead_letters
+                .trimmed
+                .fetch_add(trimmed, Ordering::Relaxed);
+            tracing::warn!(
+                trimmed,
+                max = self.config.dead_letter_max,
+                dead_letter = %self.config.keys.dead_letter,
+                "dead-letter list is full (--dead-letter-max): dropped its oldest records"
+            );
+        }
+        // After the trimmed count: whoever sees a write counted sees what
+        // it trimmed.
+        self.dead_letters
+            .written
+            .fetch_add(written, Ordering::Relaxed);
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -267,13 +307,19 @@ impl Broker {
             .arg(order.len())
             .arg(&self.config.worker_name)
             .arg(preset_msg)
-            .arg(preset_index);
+            .arg(preset_index)
+            .arg(self.config.dead_letter_max)
+            .arg(uuid::Uuid::new_v4().simple().to_string());
         let reply: Vec<RedisValue> = inv.invoke_async(&mut conn).await?;
         let mut out = Vec::with_capacity(reply.len() / 6);
         let mut fix = redis::pipe();
         fix.atomic();
         let mut needs_fix = false;
         let mut items = reply.into_iter();
+        let trimmed: u64 = match items.next() {
+            Some(v) => redis::from_redis_value(v)?,
+            None => 0,
+        };
         while let (Some(q), Some(msg), Some(status), Some(tag), Some(ex), Some(rk)) = (
             items.next(),
             items.next(),
@@ -367,6 +413,13 @@ impl Broker {
             } else {
                 out.push(Fetched::DeadLettered { queue, raw });
             }
+        }
+        let dead = out
+            .iter()
+            .filter(|f| matches!(f, Fetched::DeadLettered { .. }))
+            .count() as u64;
+        if dead > 0 {
+            self.count_dead_letters(dead, trimmed);
         }
         if needs_fix {
             // Not retried with the reservation (that would pop again): if
@@ -462,23 +515,33 @@ impl Broker {
         reason: &str,
     ) -> Result<bool, RedisError> {
         let k = &self.config.keys;
-        let record = pyjson::to_string(&json!({
-            "reason": reason,
-            "queue": queue,
-            "received_at": now_epoch(),
-            "worker": self.config.worker_name,
-            "raw": raw,
-        }));
+        let max = self.config.dead_letter_max;
+        let record = crate::dead_letter::new_record(
+            reason,
+            queue,
+            now_epoch(),
+            &self.config.worker_name,
+            raw,
+        );
         let Some(tag) = delivery_tag else {
-            self.link
+            // LPUSH and the cap's LTRIM in one transaction; LPUSH's reply
+            // (the length) says how many the trim dropped.
+            let (len,): (u64,) = self
+                .link
                 .retry("dead-letter", |mut c| {
-                    let cmd = redis::cmd("LPUSH").arg(&k.dead_letter).arg(&record).clone();
-                    async move { cmd.query_async::<()>(&mut c).await }
+                    let mut pipe = redis::pipe();
+                    pipe.atomic().lpush(&k.dead_letter, &record);
+                    if max > 0 {
+                        pipe.ltrim(&k.dead_letter, 0, max as isize - 1).ignore();
+                    }
+                    async move { pipe.query_async(&mut c).await }
                 })
                 .await?;
+            let trimmed = if max > 0 { len.saturating_sub(max) } else { 0 };
+            self.count_dead_letters(1, trimmed);
             return Ok(true);
         };
-        let moved: i64 = self
+        let (moved, trimmed): (i64, u64) = self
             .link
             .retry("dead-letter", |mut c| {
                 let mut inv = scripts::DEAD_LETTER_OWNED.prepare_invoke();
@@ -486,11 +549,14 @@ impl Broker {
                     .key(&k.unacked_index)
                     .key(&k.dead_letter)
                     .arg(tag)
-                    .arg(&record);
+                    .arg(&record)
+                    .arg(max);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        if moved == 0 {
+        if moved == 1 {
+            self.count_dead_letters(1, trimmed);
+        } else {
             tracing::warn!(
                 delivery_tag = tag,
                 reason,
@@ -891,6 +957,7 @@ mod tests {
                 visibility_timeout: Duration::from_secs(3600),
                 worker_name: "test@host".into(),
                 max_message_size: None,
+                dead_letter_max: 0,
             },
         )
     }

@@ -18,10 +18,12 @@ use redis::Script;
 /// KEYS: unacked, unacked_index, dead_letter, then the queue lists
 /// step-major (see `keys::consume_keys`).
 /// ARGV: now (the lease score, `lease_score`), max, number of queues, worker name, preset message, preset
-/// list index (1-based).
-/// Returns a flat array of (queue index 1-based, message, 1 reserved |
-/// 0 dead-lettered, delivery tag or '', exchange, routing key) — the tag,
-/// exchange and routing key it recorded in `unacked`.
+/// list index (1-based), dead-letter cap (0 = none), a random hex nonce
+/// the dead-letter record ids are derived from.
+/// Returns a flat array: first how many old dead-letter records the cap
+/// trimmed, then (queue index 1-based, message, 1 reserved |
+/// 0 dead-lettered, delivery tag or '', exchange, routing key) per item —
+/// the tag, exchange and routing key it recorded in `unacked`.
 ///
 /// Decoding the whole envelope with `cjson` was about 6 µs of Redis time
 /// per message, the largest single cost of a reservation. kombu writes
@@ -42,8 +44,11 @@ local nlists = #KEYS - 3
 local nsteps = nlists / nq
 local order = {}
 for q = 1, nq do order[q] = q end
-local out = {}
+-- out[1]: dead-letter records trimmed by the cap (see the end).
+local out = {0}
 local count = 0
+local dl_max = tonumber(ARGV[7]) or 0
+local dl_written = 0
 
 local find, sub = string.find, string.sub
 local TAG_KEY = '"delivery_tag": "'
@@ -113,7 +118,11 @@ local function reserve(list_index, msg)
     elseif type(env) ~= 'table' then reason = 'envelope is not a JSON object'
     elseif type(env['body']) ~= 'string' then reason = 'envelope has no string body'
     else reason = 'envelope has no properties.delivery_tag' end
-    redis.call('LPUSH', KEYS[3], cjson.encode({reason = reason, queue = KEYS[3 + list_index],
+    -- A unique id without a random source in Lua: the caller's nonce
+    -- and the record's position in this call.
+    dl_written = dl_written + 1
+    local id = sub(redis.sha1hex(ARGV[8] .. ':' .. dl_written), 1, 32)
+    redis.call('LPUSH', KEYS[3], cjson.encode({id = id, reason = reason, queue = KEYS[3 + list_index],
       received_at = tonumber(now), worker = ARGV[4], raw = msg}))
     out[#out + 1] = q; out[#out + 1] = msg; out[#out + 1] = 0; out[#out + 1] = ''
     out[#out + 1] = ''; out[#out + 1] = ''
@@ -138,6 +147,14 @@ while count < max do
     if got then break end
   end
   if not got then break end
+end
+-- The cap, in the same atomic step as the pushes: keep the newest.
+if dl_written > 0 and dl_max > 0 then
+  local len = redis.call('LLEN', KEYS[3])
+  if len > dl_max then
+    redis.call('LTRIM', KEYS[3], 0, dl_max - 1)
+    out[1] = len - dl_max
+  end
 end
 return out
 "#,
@@ -179,15 +196,23 @@ return 1
 /// still ours: if a sweep (ours or another worker's) restored it in the
 /// meantime it is back on its queue and will be delivered again, and
 /// dead-lettering it too would leave one message in two places.
-/// KEYS: unacked, unacked_index, dead_letter. ARGV: tag, record.
-/// Returns 1 when dead-lettered, 0 when the message was no longer ours.
+/// The list is trimmed to the newest `cap` records in the same step.
+/// KEYS: unacked, unacked_index, dead_letter. ARGV: tag, record, cap
+/// (0 = none).
+/// Returns {1, records trimmed} when dead-lettered, {0, 0} when the
+/// message was no longer ours.
 pub static DEAD_LETTER_OWNED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[3], ARGV[2])
-return 1
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {0, 0} end
+local len = redis.call('LPUSH', KEYS[3], ARGV[2])
+local max = tonumber(ARGV[3]) or 0
+if max > 0 and len > max then
+  redis.call('LTRIM', KEYS[3], 0, max - 1)
+  return {1, len - max}
+end
+return {1, 0}
 "#,
     )
 });

@@ -240,6 +240,7 @@ impl Worker {
                 visibility_timeout: cfg.visibility_timeout,
                 worker_name: cfg.node_name.clone(),
                 max_message_size: cfg.max_message_size,
+                dead_letter_max: cfg.dead_letter_max,
             },
         );
         let backend = ResultBackend::new(backend_link, "", cfg.result_expires);
