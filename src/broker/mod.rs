@@ -242,7 +242,10 @@ impl Broker {
             return Ok(got);
         }
         let list_keys = keys::consume_keys(&self.config.keys.prefix, order);
-        let popped: Option<(String, String)> = self
+        // The message as bytes: one that is not UTF-8 is still taken and
+        // recorded (then dead-lettered), never lost to a failed conversion
+        // after BRPOP already removed it from its list.
+        let popped: Option<(String, Vec<u8>)> = self
             .blocking
             .run(|mut c| {
                 let cmd = redis::cmd("BRPOP")
@@ -274,7 +277,7 @@ impl Broker {
         &self,
         order: &mut Vec<String>,
         max: usize,
-        preset: Option<(String, usize)>,
+        preset: Option<(Vec<u8>, usize)>,
     ) -> Result<Vec<Fetched>, RedisError> {
         let snapshot = order.clone();
         let got = self
@@ -290,7 +293,7 @@ impl Broker {
         mut conn: MultiplexedConnection,
         order: Vec<String>,
         max: usize,
-        preset: Option<(String, usize)>,
+        preset: Option<(Vec<u8>, usize)>,
     ) -> Result<Vec<Fetched>, RedisError> {
         let k = &self.config.keys;
         let list_keys = keys::consume_keys(&k.prefix, &order);
@@ -960,6 +963,99 @@ mod tests {
                 dead_letter_max: 0,
             },
         )
+    }
+
+    fn vector_message() -> String {
+        std::fs::read_to_string(format!(
+            "{}/tests/vectors/broker/task_delay_add_2_3.raw",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+        .trim_end()
+        .to_owned()
+    }
+
+    /// A message that is not UTF-8, popped by the blocking fetch (the
+    /// queue was empty when it asked), is recorded and handed back as
+    /// unreadable: converting it to text once failed after BRPOP had
+    /// already removed it from its list, and the message was lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_that_is_not_utf8_is_never_lost_by_the_blocking_fetch() {
+        let (_server, link) = redis_and_link();
+        let keys = Keys::new("", "tori.dead_letter");
+        let broker = test_broker(&link, &keys);
+        let mut raw = vector_message().into_bytes();
+        let at = raw.windows(8).position(|w| w == b"\"origin\"").unwrap() + 11;
+        raw.splice(at..at, [0xff, 0xfe]);
+        let pusher = {
+            let link = link.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Its own connection: the link's is busy with the BRPOP.
+                let mut conn = link
+                    .client()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                let _: () = redis::cmd("LPUSH")
+                    .arg("celery")
+                    .arg(raw)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            })
+        };
+        let mut order = vec!["celery".to_owned()];
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got = broker
+                .fetch(&mut order, 1, Duration::from_secs(1))
+                .await
+                .expect("a fetch of a non-UTF-8 message succeeds");
+            if !got.is_empty() {
+                break;
+            }
+        }
+        pusher.await.unwrap();
+        assert!(
+            matches!(got.as_slice(), [Fetched::Unreadable { error, .. }] if error.contains("UTF-8")),
+            "{got:?}"
+        );
+        assert_eq!(unacked_left(&link, &keys).await, (1, 1));
+    }
+
+    /// A message over `max_message_size` is recorded but not parsed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_over_the_size_limit_is_not_parsed() {
+        let (_server, link) = redis_and_link();
+        let keys = Keys::new("", "tori.dead_letter");
+        let mut broker = test_broker(&link, &keys);
+        let raw = vector_message();
+        broker.config.max_message_size = Some(raw.len() - 1);
+        let mut conn = link.conn().await.unwrap();
+        let _: () = redis::cmd("LPUSH")
+            .arg("celery")
+            .arg(&raw)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut order = vec!["celery".to_owned()];
+        let got = broker
+            .fetch(&mut order, 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        match got.as_slice() {
+            [Fetched::TooLarge {
+                raw: kept,
+                size,
+                limit,
+                ..
+            }] => {
+                assert_eq!((kept, *size, *limit), (&raw, raw.len(), raw.len() - 1));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(unacked_left(&link, &keys).await, (1, 1));
     }
 
     #[tokio::test(flavor = "current_thread")]

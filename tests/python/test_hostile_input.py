@@ -161,8 +161,9 @@ def test_nesting_at_every_depth_from_1_to_10000(worker_factory, redis_server, ap
         exc = failure_of(app, ids[depth])
         assert type(exc).__name__ == "DecodeError", (depth, exc)
     # Every one of those is also in the dead-letter list, raw.
-    dl = dead_lettered_ids(redis_client)
-    assert all(ids[d] in dl for d in range(101, 10_001))
+    too_deep = {ids[d] for d in range(101, 10_001)}
+    wait_for(lambda: too_deep <= set(dead_lettered_ids(redis_client)), 60, interval=1,
+             message=lambda: "not all too-deep messages were dead-lettered")
     assert redis_client.hlen("unacked") == 0
     assert_healthy(app, w)
 
@@ -195,7 +196,8 @@ def test_message_just_under_and_just_over_max_message_size(worker_factory, redis
     exc = failure_of(app, over)
     assert type(exc).__name__ == "MessageSizeExceeded"
     assert f"{limit + 1} bytes" in str(exc) and str(limit) in str(exc)
-    dl = dead_lettered_ids(redis_client)
+    # FAILURE is stored first, then the message is dead-lettered.
+    dl = wait_for(lambda: dead_lettered_ids(redis_client), 10)
     assert set(dl) == {over}
     assert len(dl[over]["raw"]) == limit + 1, "the raw message is kept whole"
     assert redis_client.hlen("unacked") == 0
@@ -328,10 +330,13 @@ def test_malformed_messages_end_in_a_stored_failure(worker_factory, redis_server
         assert want_text in str(exc), (name, str(exc))
     exc = failure_of(app, raw_tid)
     assert type(exc).__name__ == "DecodeError" and "UTF-8" in str(exc)
+    wait_for(lambda: set(ids.values()) <= set(dead_lettered_ids(redis_client)), 10,
+             message=lambda: "not every malformed message reached the dead-letter list")
     dl = dead_lettered_ids(redis_client)
     missing = [n for n, t in ids.items() if t not in dl]
     assert not missing, f"not dead-lettered: {missing}"
-    assert any(raw_tid in entry_raw_text(e) for e in dead_letter_entries(redis_client))
+    wait_for(lambda: any(raw_tid in entry_raw_text(e)
+                         for e in dead_letter_entries(redis_client)), 10)
     for e in dl.values():
         assert e["reason"], e
     assert redis_client.hlen("unacked") == 0
