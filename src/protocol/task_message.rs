@@ -34,6 +34,11 @@ pub enum DecodeError {
         task_id: String,
         task_name: Option<String>,
     },
+    /// The decoder itself failed on this message (a tori-worker bug, not
+    /// the producer's): `tori.exceptions.WorkerInternalError`, as for any
+    /// other panic in the worker's own handling.
+    #[error("{0}")]
+    Internal(String),
     /// A readable message with a field whose value cannot be used (an eta
     /// that is no time, a time limit that is no number of seconds, args
     /// that are no list): the Python exception a Celery user would get
@@ -56,6 +61,7 @@ impl DecodeError {
         match self {
             Self::Envelope(_) | Self::Malformed(_) => ("kombu.exceptions", "DecodeError"),
             Self::Refused { .. } => ("kombu.exceptions", "ContentDisallowed"),
+            Self::Internal(_) => ("tori.exceptions", "WorkerInternalError"),
             Self::Invalid {
                 exception: PyError::ValueError,
                 ..

@@ -61,7 +61,7 @@ pub(crate) fn decode(ctx: &Ctx, envelope: &Envelope) -> Result<TaskMessage, Deco
     .unwrap_or_else(|payload| {
         let why = panic_message(payload.as_ref());
         tracing::error!(panic = %why, "the task message decoder panicked (a tori-worker bug); treating the message as malformed");
-        Err(DecodeError::Malformed(format!(
+        Err(DecodeError::Internal(format!(
             "the worker's decoder panicked on this message (a tori-worker bug): {why}"
         )))
     })

@@ -348,7 +348,11 @@ def test_a_handler_panic_fails_its_task_and_strands_nothing(worker_factory, redi
              10, message=lambda: f"dead letters: {dead_letter_entries(redis_client)!r:.500}")
     [dl] = [e for e in dead_letter_entries(redis_client) if decode.id in entry_raw_text(e)]
     assert "decoder panicked" in dl["reason"], dl["reason"]
-    assert read_meta(redis_client, decode.id) is None, "a dead-lettered message stores no state"
+    # Its task id is readable, so its task ends in a stored state too.
+    decode.get(timeout=10, propagate=False)
+    t, m, msg = failure_info(redis_client, decode.id)
+    assert (t, m) == ("WorkerInternalError", "tori.exceptions"), (t, m, msg)
+    assert "decoder panicked" in msg, msg
 
     wait_unacked_empty(redis_client)
     assert active_task_ids(app, w.hostname) == []
