@@ -33,7 +33,9 @@ pub struct Route {
 /// restore).
 pub fn retry_of(original: &Envelope, msg: &TaskMessage, eta: DateTime<Utc>) -> Envelope {
     let mut env = original.clone();
-    env.set_header("retries", json!(msg.retries + 1));
+    // A producer's `retries` can be anything up to u32::MAX (larger ones
+    // are read as that): stay there rather than wrap to 0.
+    env.set_header("retries", json!(msg.retries.saturating_add(1)));
     env.set_header("eta", json!(format_time(eta)));
     env.set_header("parent_id", json!(msg.id));
     // A retry is a new delivery: drop restore markers from the original.
@@ -427,6 +429,18 @@ mod tests {
             prop_assert_eq!(retried.parent_id.as_deref(), Some(msg.id.as_str()));
             prop_assert_eq!(retried.eta.map(format_time), Some(format_time(eta)));
         }
+    }
+
+    /// Found by `built_messages_decode_to_the_signature`: a message whose
+    /// `retries` header is at the ceiling was republished with 0 retries
+    /// (and panicked with overflow checks on).
+    #[test]
+    fn retry_of_a_message_at_the_retry_ceiling_stays_there() {
+        let original = vector("task_retry_republish_0");
+        let mut msg = TaskMessage::decode(&original).unwrap();
+        msg.retries = u32::MAX;
+        let retried = retry_of(&original, &msg, chrono::Utc::now());
+        assert_eq!(TaskMessage::decode(&retried).unwrap().retries, u32::MAX);
     }
 
     #[test]

@@ -82,12 +82,3 @@ pub(crate) fn json_within(depth: u32) -> impl Strategy<Value = Value> {
             value
         })
 }
-
-/// How deep `value` is nested (a scalar is 0).
-pub(crate) fn depth(value: &Value) -> usize {
-    match value {
-        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
-        _ => 0,
-    }
-}
