@@ -24,7 +24,9 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/seeds").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz/seeds")
+        .join(target);
     let out: Vec<_> = files(&dir)
         .into_iter()
         .map(|p| {

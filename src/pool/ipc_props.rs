@@ -31,8 +31,12 @@ fn exception() -> impl Strategy<Value = PyException> {
 
 fn task_error() -> impl Strategy<Value = TaskError> {
     prop_oneof![
-        (exception(), proptest::option::of(text()))
-            .prop_map(|(exception, traceback)| TaskError::Failed { exception, traceback }),
+        (exception(), proptest::option::of(text())).prop_map(|(exception, traceback)| {
+            TaskError::Failed {
+                exception,
+                traceback,
+            }
+        }),
         (
             proptest::option::of(finite_f64()),
             proptest::option::of(exception()),
@@ -140,7 +144,11 @@ fn unlimited_retries_survive_the_pipe() {
 /// through, before serde_json's `float_roundtrip`.
 #[test]
 fn floats_cross_the_pipe_exactly() {
-    for f in [2.656926209546977e-52, 1.8976910564100087e-72, -3.9742705791554596e31] {
+    for f in [
+        2.656926209546977e-52,
+        1.8976910564100087e-72,
+        -3.9742705791554596e31,
+    ] {
         let frame = FromChild::Done(Ok(serde_json::json!([f])));
         let mut buf = Vec::new();
         write_frame(&mut buf, &frame).expect("write");

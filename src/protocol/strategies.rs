@@ -70,7 +70,10 @@ pub(crate) fn json_within(depth: u32) -> impl Strategy<Value = Value> {
     let wraps = depth - tree_depth;
     (
         tree,
-        proptest::collection::vec(prop_oneof![Just(None), text().prop_map(Some)], 0..=wraps as usize),
+        proptest::collection::vec(
+            prop_oneof![Just(None), text().prop_map(Some)],
+            0..=wraps as usize,
+        ),
     )
         .prop_map(|(mut value, layers)| {
             for layer in layers {

@@ -150,7 +150,11 @@ pub enum TaskError {
         /// Overrides the task's `max_retries` for this call; `Some(None)`
         /// retries for ever. Absent from the prefork pipe's JSON when
         /// `None`, so the two stay apart (both would be `null`).
-        #[serde(default, skip_serializing_if = "Option::is_none", with = "override_option")]
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "override_option"
+        )]
         max_retries: Option<Option<u32>>,
     },
     /// The message should not be processed by this worker (Celery's

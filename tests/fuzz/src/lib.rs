@@ -285,12 +285,9 @@ impl Json {
             Json::Str(s) => json!(s),
             Json::Time(t) => json!(t.text()),
             Json::Array(items) => Value::Array(items.iter().map(Json::value).collect()),
-            Json::Object(pairs) => Value::Object(
-                pairs
-                    .iter()
-                    .map(|(k, v)| (k.name(), v.value()))
-                    .collect(),
-            ),
+            Json::Object(pairs) => {
+                Value::Object(pairs.iter().map(|(k, v)| (k.name(), v.value())).collect())
+            }
         }
     }
 }
@@ -479,7 +476,11 @@ impl Message {
         }
         // Extra headers that the decoder validates may refuse the message.
         let validated = ["id", "task", "eta", "expires"];
-        if self.fields.iter().any(|(k, _)| validated.contains(&k.name().as_str())) {
+        if self
+            .fields
+            .iter()
+            .any(|(k, _)| validated.contains(&k.name().as_str()))
+        {
             return None;
         }
         // What the body's own serializer gives back (serde_json parses
@@ -568,23 +569,35 @@ fn origin(result: &Value) -> Origin<'_> {
 /// any worker can decode.
 fn check_expand(sig: &Value, rest: Option<Vec<Value>>, result: &Value) {
     let _ = canvas::task_ids(sig);
-    let deep = depth(sig) + rest.as_ref().map_or(0, |r| r.iter().map(depth).max().unwrap_or(0));
+    let deep = depth(sig)
+        + rest
+            .as_ref()
+            .map_or(0, |r| r.iter().map(depth).max().unwrap_or(0));
     let Ok(expansion) = canvas::expand(sig, rest, &origin(result)) else {
         return;
     };
     for (env, _route) in &expansion.messages {
-        assert!(!canvas::message_id(env).is_empty(), "published without an id");
+        assert!(
+            !canvas::message_id(env).is_empty(),
+            "published without an id"
+        );
         let text = env.to_json();
         match Envelope::parse(text.as_bytes()) {
             Ok(parsed) => match TaskMessage::decode(&parsed) {
                 Ok(_) => {}
                 Err(DecodeError::Malformed(e)) if is_depth_error(&e) => {
-                    assert!(deep + 4 >= SERDE_JSON_DEPTH, "depth error at depth {deep}: {e}")
+                    assert!(
+                        deep + 4 >= SERDE_JSON_DEPTH,
+                        "depth error at depth {deep}: {e}"
+                    )
                 }
                 Err(e) => panic!("a published message does not decode: {e}\n{text}"),
             },
             Err(EnvelopeError::NotJson(e)) if is_depth_error(&e) => {
-                assert!(deep + 4 >= SERDE_JSON_DEPTH, "depth error at depth {deep}: {e}")
+                assert!(
+                    deep + 4 >= SERDE_JSON_DEPTH,
+                    "depth error at depth {deep}: {e}"
+                )
             }
             Err(e) => panic!("a published envelope does not parse: {e}"),
         }
