@@ -7,6 +7,8 @@
 
 pub mod child;
 pub mod ipc;
+#[cfg(test)]
+mod ipc_props;
 pub mod prefork;
 pub mod threads;
 

@@ -720,6 +720,26 @@ mod tests {
         assert_eq!(env.headers()["task"], json!("capapp.add"));
     }
 
+    /// Found by fuzzing (`task_message_raw`, issue #25): a number beyond
+    /// f64 (`1e400`; Python reads it as `inf`) passes the typed reading,
+    /// which keeps header text raw, but not the object reading, whose
+    /// failure `ReadEnvelope::object` turns into an empty map. Every
+    /// reader of the object then sees no body: a restore or dead-letter
+    /// writes the message without its body, and `retry_of` panics on its
+    /// `expect`. Not fixed here (the fix is a choice of policy for
+    /// out-of-range numbers, part of the nesting/size work).
+    #[test]
+    #[ignore = "issue #25: out-of-range numbers empty the envelope's object"]
+    fn an_out_of_range_number_does_not_empty_the_envelope() {
+        let text = br#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": 1e400}, "properties": {"delivery_tag": "t", "body_encoding": "base64"}}"#;
+        if let Ok(env) = Envelope::parse(text) {
+            assert_eq!(env.as_object().get("body"), Some(&json!("eA==")));
+            let mut restored = env.clone();
+            restored.mark_redelivered();
+            assert!(Envelope::parse(restored.to_json().as_bytes()).is_ok());
+        }
+    }
+
     #[test]
     fn rejects_garbage_with_specific_errors() {
         assert!(matches!(

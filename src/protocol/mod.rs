@@ -8,6 +8,8 @@ pub mod limits;
 pub mod outgoing;
 pub mod pyjson;
 pub mod result;
+#[cfg(test)]
+pub(crate) mod strategies;
 pub mod task_message;
 
 pub use envelope::{Envelope, EnvelopeError};

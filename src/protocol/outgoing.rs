@@ -33,7 +33,9 @@ pub struct Route {
 /// restore).
 pub fn retry_of(original: &Envelope, msg: &TaskMessage, eta: DateTime<Utc>) -> Envelope {
     let mut env = original.clone();
-    env.set_header("retries", json!(msg.retries + 1));
+    // A producer's `retries` can be anything up to u32::MAX (larger ones
+    // are read as that): stay there rather than wrap to 0.
+    env.set_header("retries", json!(msg.retries.saturating_add(1)));
     env.set_header("eta", json!(format_time(eta)));
     env.set_header("parent_id", json!(msg.id));
     // A retry is a new delivery: drop restore markers from the original.
@@ -281,6 +283,164 @@ mod tests {
         assert_eq!(build(&next).ignore_result, Some(false));
         next["options"]["ignore_result"] = json!(true);
         assert_eq!(build(&next).ignore_result, Some(true));
+    }
+
+    use crate::protocol::strategies::{finite_f64, json_within, text};
+    use crate::protocol::TimeLimit;
+    use proptest::prelude::*;
+
+    /// A signature option: absent, a value of the type Celery writes, or
+    /// any JSON value (a hostile or buggy producer).
+    fn opt(typed: impl Strategy<Value = Value> + 'static) -> BoxedStrategy<Option<Value>> {
+        prop_oneof![
+            2 => Just(None),
+            3 => typed.prop_map(Some),
+            1 => json_within(3).prop_map(Some),
+        ]
+        .boxed()
+    }
+
+    fn signature_list() -> impl Strategy<Value = Value> {
+        let sig = (text(), json_within(4))
+            .prop_map(|(task, arg)| {
+                json!({"task": task, "args": [arg], "kwargs": {}, "options": {}, "immutable": false})
+            })
+            .boxed();
+        prop_oneof![
+            proptest::collection::vec(sig.clone(), 0..3).prop_map(Value::Array),
+            sig,
+        ]
+    }
+
+    fn options() -> impl Strategy<Value = Map<String, Value>> {
+        let keys = [
+            ("task_id", opt(text().prop_map(Value::from))),
+            ("group_id", opt(text().prop_map(Value::from))),
+            ("group_index", opt(any::<i64>().prop_map(Value::from))),
+            ("shadow", opt(text().prop_map(Value::from))),
+            ("queue", opt(text().prop_map(Value::from))),
+            ("priority", opt(any::<u64>().prop_map(Value::from))),
+            ("time_limit", opt(finite_f64().prop_map(Value::from))),
+            ("soft_time_limit", opt(finite_f64().prop_map(Value::from))),
+            ("ignore_result", opt(any::<bool>().prop_map(Value::from))),
+            ("link", opt(signature_list())),
+            ("link_error", opt(signature_list())),
+            ("chain", opt(signature_list())),
+            ("chord", opt(signature_list())),
+        ];
+        keys.map(|(key, value)| value.prop_map(move |v| v.map(|v| (key.to_owned(), v))))
+            .prop_map(|entries| entries.into_iter().flatten().collect())
+    }
+
+    fn expected_list(value: Option<&Value>) -> Vec<Value> {
+        match value {
+            Some(Value::Array(items)) => items.clone(),
+            Some(v @ Value::Object(_)) => vec![v.clone()],
+            _ => Vec::new(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::protocol::strategies::config())]
+        /// Every message the worker publishes for a signature (a chain
+        /// link, a callback, a chord member) decodes back to what the
+        /// signature says, with the parent's result in front of its args
+        /// unless it is immutable; its retry decodes too.
+        #[test]
+        fn built_messages_decode_to_the_signature(
+            task in text(),
+            args in proptest::collection::vec(json_within(16), 0..4),
+            kwargs in proptest::collection::vec((text(), json_within(16)), 0..4),
+            options in options(),
+            immutable in any::<bool>(),
+            parent_result in proptest::option::of(json_within(16)),
+            chain in proptest::option::of(proptest::collection::vec(signature_list(), 0..3)),
+            retries in prop_oneof![Just(0u32), any::<u32>(), Just(u32::MAX)],
+        ) {
+            let kwargs: Map<String, Value> = kwargs.into_iter().collect();
+            let sig = json!({
+                "task": task, "args": args, "kwargs": kwargs,
+                "options": options, "immutable": immutable,
+            });
+            let call = SignatureCall {
+                signature: &sig,
+                parent_result: parent_result.as_ref(),
+                parent_id: "parent-id",
+                root_id: "root-id",
+                chain: chain.clone(),
+                origin: "gen1@vm",
+                default_queue: "celery",
+            };
+            let (env, _route) = call.build().expect("a signature with a task name builds");
+            let env = Envelope::parse(env.to_json().as_bytes()).expect("published envelope parses");
+            let msg = TaskMessage::decode(&env).expect("published message decodes");
+
+            let mut want_args = args.clone();
+            if let (false, Some(result)) = (immutable, &parent_result) {
+                want_args.insert(0, result.clone());
+            }
+            let limit = |k: &str| options.get(k).and_then(Value::as_f64).filter(|s| *s > 0.0);
+            let string = |k: &str| options.get(k).and_then(Value::as_str).map(str::to_owned);
+            prop_assert_eq!(msg.protocol, 2);
+            prop_assert_eq!(&msg.task, &task);
+            match string("task_id") {
+                Some(id) => prop_assert_eq!(&msg.id, &id),
+                None => prop_assert!(!msg.id.is_empty()),
+            }
+            prop_assert_eq!(&msg.args, &want_args);
+            prop_assert_eq!(&msg.kwargs, &kwargs);
+            prop_assert_eq!(msg.parent_id.as_deref(), Some("parent-id"));
+            prop_assert_eq!(msg.root_id.as_deref(), Some("root-id"));
+            prop_assert_eq!(msg.origin.as_deref(), Some("gen1@vm"));
+            prop_assert_eq!(&msg.group, &string("group_id"));
+            prop_assert_eq!(msg.group_index, options.get("group_index").and_then(Value::as_i64));
+            prop_assert_eq!(&msg.shadow, &string("shadow"));
+            prop_assert_eq!(
+                msg.time_limit,
+                TimeLimit { hard: limit("time_limit"), soft: limit("soft_time_limit") }
+            );
+            prop_assert_eq!(
+                msg.ignore_result,
+                Some(options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false))
+            );
+            prop_assert_eq!(msg.retries, 0);
+            prop_assert_eq!(msg.eta, None);
+            prop_assert_eq!(msg.expires, None);
+            prop_assert_eq!(&msg.callbacks, &expected_list(options.get("link")));
+            prop_assert_eq!(&msg.errbacks, &expected_list(options.get("link_error")));
+            let want_chain = match &chain {
+                Some(rest) => rest.clone(),
+                None => match options.get("chain") {
+                    Some(Value::Array(rest)) => rest.clone(),
+                    _ => Vec::new(),
+                },
+            };
+            prop_assert_eq!(&msg.chain, &want_chain);
+            prop_assert_eq!(&msg.chord, &options.get("chord").filter(|c| c.is_object()).cloned());
+
+            // Its retry: same task, one more retry, parent = itself.
+            let mut msg = msg;
+            msg.retries = retries;
+            let eta = chrono::Utc::now();
+            let retried = TaskMessage::decode(&retry_of(&env, &msg, eta)).expect("retry decodes");
+            prop_assert_eq!(&retried.id, &msg.id);
+            prop_assert_eq!(&retried.args, &msg.args);
+            prop_assert_eq!(retried.retries, retries.saturating_add(1));
+            prop_assert_eq!(retried.parent_id.as_deref(), Some(msg.id.as_str()));
+            prop_assert_eq!(retried.eta.map(format_time), Some(format_time(eta)));
+        }
+    }
+
+    /// Found by `built_messages_decode_to_the_signature`: a message whose
+    /// `retries` header is at the ceiling was republished with 0 retries
+    /// (and panicked with overflow checks on).
+    #[test]
+    fn retry_of_a_message_at_the_retry_ceiling_stays_there() {
+        let original = vector("task_retry_republish_0");
+        let mut msg = TaskMessage::decode(&original).unwrap();
+        msg.retries = u32::MAX;
+        let retried = retry_of(&original, &msg, chrono::Utc::now());
+        assert_eq!(TaskMessage::decode(&retried).unwrap().retries, u32::MAX);
     }
 
     #[test]

@@ -110,4 +110,26 @@ mod tests {
     fn empty_containers() {
         assert_eq!(to_string(&json!([[], {}])), "[[], {}]");
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::protocol::strategies::config())]
+        /// What the worker writes in Python's layout is JSON that reads
+        /// back as the same value (key order included), in ASCII only, and
+        /// says the same as serde_json's own output.
+        #[test]
+        fn output_parses_back_to_the_same_value(
+            value in crate::protocol::strategies::json_within(64)
+        ) {
+            let text = to_string(&value);
+            proptest::prop_assert!(text.is_ascii(), "{text}");
+            let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+            proptest::prop_assert_eq!(&back, &value);
+            let plain: serde_json::Value =
+                serde_json::from_str(&serde_json::to_string(&value).unwrap()).unwrap();
+            proptest::prop_assert_eq!(&back, &plain);
+            let mut appended = b"x".to_vec();
+            write_to(&mut appended, &value);
+            proptest::prop_assert_eq!(&appended[1..], text.as_bytes());
+        }
+    }
 }

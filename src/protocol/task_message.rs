@@ -819,6 +819,29 @@ mod tests {
         ));
     }
 
+    /// A float a Python producer writes (`repr`, the shortest text that
+    /// reads back exactly) reaches the task exactly: found one ULP off by
+    /// the property tests (issue #25) before serde_json's
+    /// `float_roundtrip`.
+    #[test]
+    fn python_floats_decode_exactly() {
+        let mut headers = Map::new();
+        headers.insert("task".into(), json!("tori.echo"));
+        headers.insert("id".into(), json!("f"));
+        let body = br#"[[2.656926209546977e-52, 1.8976910564100087e-72, -3.9742705791554596e+31], {}, {}]"#;
+        let env = Envelope::new(body, CONTENT_TYPE_JSON, headers, Map::new(), "", "q", 0);
+        let msg = TaskMessage::decode(&env).unwrap();
+        let floats: Vec<f64> = msg.args.iter().filter_map(Value::as_f64).collect();
+        assert_eq!(
+            floats,
+            [
+                2.656926209546977e-52,
+                1.8976910564100087e-72,
+                -3.9742705791554596e31
+            ]
+        );
+    }
+
     #[test]
     fn naive_and_offset_times() {
         assert_eq!(

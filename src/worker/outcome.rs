@@ -545,7 +545,7 @@ async fn retry(
     let shown = reason.clone().unwrap_or_else(|| {
         PyException::new("celery.exceptions", "Retry", format!("Retry in {delay}s"))
     });
-    tracing::warn!(countdown = delay, retries = f.msg.retries + 1, reason = %shown.repr(), "task will be retried");
+    tracing::warn!(countdown = delay, retries = f.msg.retries.saturating_add(1), reason = %shown.repr(), "task will be retried");
     ctx.metrics.count(&f.msg.task, "retried");
     let mut doc = f.doc(ctx, State::Retry, exc_value(&shown));
     doc.traceback = Some(traceback_text(

@@ -147,7 +147,14 @@ pub enum TaskError {
         /// The reason, stored with the RETRY state and raised when the
         /// retry budget is spent.
         reason: Option<PyException>,
-        /// Overrides the task's `max_retries` for this call.
+        /// Overrides the task's `max_retries` for this call; `Some(None)`
+        /// retries for ever. Absent from the prefork pipe's JSON when
+        /// `None`, so the two stay apart (both would be `null`).
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "override_option"
+        )]
         max_retries: Option<Option<u32>>,
     },
     /// The message should not be processed by this worker (Celery's
@@ -155,6 +162,29 @@ pub enum TaskError {
     Reject { requeue: bool, reason: String },
     /// The soft time limit fired and the task stopped cooperatively.
     SoftTimeLimitExceeded,
+}
+
+/// Serde for an override that may itself be "none": present (`null`
+/// included) is `Some`, absent is `None` (with `default` and
+/// `skip_serializing_if`).
+mod override_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(
+        value: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
 }
 
 impl TaskError {

@@ -1,0 +1,5 @@
+#![no_main]
+//! See `tori_worker_fuzz::task_message_raw` for what is checked.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| tori_worker_fuzz::task_message_raw(data));
