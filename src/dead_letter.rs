@@ -212,6 +212,28 @@ pub struct Target {
     pub message: String,
 }
 
+/// The message as a new delivery: without the `redelivered` flag, which
+/// would make a worker that finds a stored final state (a message refused
+/// before running stores its FAILURE first) ack it without running it,
+/// and an operator who requeues wants it run. Unchanged, byte for byte,
+/// when it carries no such flag.
+fn fresh_delivery(message: String) -> String {
+    let Ok(mut value) = serde_json::from_str::<Value>(&message) else {
+        return message;
+    };
+    let mut changed = false;
+    for path in ["/headers", "/properties/delivery_info"] {
+        if let Some(Value::Object(map)) = value.pointer_mut(path) {
+            changed |= map.remove("redelivered").is_some();
+        }
+    }
+    if changed {
+        pyjson::to_string(&value)
+    } else {
+        message
+    }
+}
+
 /// The message to push and its list: `queue` when given, else the
 /// record's queue (a queue name, or the list key the reserve script
 /// records), else the message's own routing key.
@@ -252,6 +274,7 @@ pub fn requeue_target(
         .and_then(|m| m.pointer("/properties/priority"))
         .and_then(Value::as_u64)
         .map_or(0, |p| p.min(255) as u8);
+    let message = fresh_delivery(message);
     Ok(Target {
         list: keys::queue_list_key(&keys.prefix, &queue, priority),
         queue,
@@ -527,6 +550,23 @@ mod tests {
             (Some("t2".into()), Some("tori.echo".into()))
         );
         assert_eq!(task_identity("garbage"), (None, None));
+    }
+
+    #[test]
+    fn a_requeued_message_is_a_fresh_delivery() {
+        let marked = r#"{"body": "e30=", "headers": {"id": "t", "redelivered": true}, "properties": {"delivery_tag": "d", "delivery_info": {"exchange": "", "routing_key": "celery", "redelivered": true}}}"#;
+        let fresh: Value = serde_json::from_str(&fresh_delivery(marked.to_owned())).unwrap();
+        assert!(fresh.pointer("/headers/redelivered").is_none());
+        assert!(fresh
+            .pointer("/properties/delivery_info/redelivered")
+            .is_none());
+        assert_eq!(fresh["headers"]["id"], "t");
+        let plain = r#"{"body": "e30=",  "properties": {"delivery_tag": "d"}}"#;
+        assert_eq!(
+            fresh_delivery(plain.to_owned()),
+            plain,
+            "left byte for byte"
+        );
     }
 
     #[test]

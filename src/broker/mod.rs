@@ -367,6 +367,15 @@ impl Broker {
             }
             let raw = match String::from_utf8(raw) {
                 Ok(raw) => raw,
+                // Already dead-lettered by the script (no delivery tag):
+                // nothing of ours to settle.
+                Err(e) if status != 1 => {
+                    out.push(Fetched::DeadLettered {
+                        queue,
+                        raw: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                    });
+                    continue;
+                }
                 Err(e) => {
                     let raw = String::from_utf8_lossy(e.as_bytes()).into_owned();
                     out.push(Fetched::Unreadable {

@@ -58,9 +58,11 @@ impl ProgressSink for FrameProgress {
     fn progress(&self, meta: serde_json::Value) {
         // The same limit as results: a report the parent could not read
         // would cost the job, so it is dropped and said on stderr.
-        if let Err(too_deep) =
-            crate::protocol::limits::check_depth(&meta, || "a progress report".into())
-        {
+        if let Err(too_deep) = crate::protocol::limits::check_depth_at(
+            &meta,
+            crate::protocol::limits::MAX_RESULT_DEPTH,
+            || "a progress report".into(),
+        ) {
             eprintln!("tori-worker pool process: progress report dropped: {too_deep}");
             return;
         }

@@ -79,14 +79,16 @@ pub enum JobOutcome {
 }
 
 /// A task's result as a pool hands it on, within the limits of what the
-/// worker can carry (`protocol::limits`): a value nested deeper becomes a
+/// worker can carry (`protocol::limits::MAX_RESULT_DEPTH`): a value nested
+/// deeper becomes a
 /// FAILURE with kombu's `EncodeError`, Celery's outcome for a result its
 /// serializer cannot encode, instead of a frame or document that the next
 /// hop could not read.
 pub fn carriable(result: Result<Value, TaskError>) -> Result<Value, TaskError> {
-    use crate::protocol::limits::check_depth;
+    use crate::protocol::limits::{check_depth_at, MAX_RESULT_DEPTH};
+    let check_depth = |v: &Value, what: &str| check_depth_at(v, MAX_RESULT_DEPTH, || what.into());
     match result {
-        Ok(value) => match check_depth(&value, || "the task's return value".into()) {
+        Ok(value) => match check_depth(&value, "the task's return value") {
             Ok(()) => Ok(value),
             Err(too_deep) => Err(encode_error(too_deep.to_string())),
         },
@@ -96,7 +98,7 @@ pub fn carriable(result: Result<Value, TaskError>) -> Result<Value, TaskError> {
         }) => match exception
             .args
             .iter()
-            .try_for_each(|a| check_depth(a, || "an argument of the task's exception".into()))
+            .try_for_each(|a| check_depth(a, "an argument of the task's exception"))
         {
             Ok(()) => Err(TaskError::Failed {
                 exception,

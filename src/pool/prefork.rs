@@ -331,10 +331,17 @@ async fn spawn_child(cfg: &PreforkConfig) -> std::io::Result<Running> {
                     }
                 }
                 Ok(None) => break,
-                Err(e) => {
+                // A frame read whole that is not understood: the child is
+                // alive and its reply unreadable.
+                Err(e @ super::ipc::FrameError::Unreadable { .. }) => {
                     let _ = tx.send(Err(e.to_string()));
                     break;
                 }
+                // The pipe broke or the length is absurd: the stream ends
+                // here, and the child's exit status says why (a child
+                // killed while writing a large reply is lost, not a
+                // result that could not be encoded).
+                Err(_) => break,
             }
         }
     });
@@ -708,6 +715,13 @@ async fn watched(
         Ok(end) => end,
         Err(_) => {
             kill(running).await;
+            if let Some(hard) = job.hard_limit {
+                tracing::error!(pid = running.pid, task_id = %job.id, task_name = %job.name, "job watchdog: the job outlived its hard time limit; pool process killed and replaced");
+                return JobEnd {
+                    outcome: JobOutcome::HardTimeLimit(hard),
+                    replace: Some("watchdog"),
+                };
+            }
             let why = match job.hard_limit {
                 Some(hard) => format!(
                     "the job held its pool process {} s past its hard time limit of {} s",
@@ -827,6 +841,20 @@ mod tests {
             run_one(&p, job(None)).await,
             JobOutcome::Finished { result: Err(_), .. }
         ));
+    }
+
+    /// A process that dies halfway through a reply is reported lost with
+    /// its exit status, not as a reply that could not be read.
+    #[tokio::test]
+    async fn a_process_killed_mid_reply_is_lost_not_an_encode_error() {
+        let p = pool(
+            r#"head -c 4 >/dev/null; printf '\000\000\003\350{"Do'; kill -9 $$"#,
+            None,
+        );
+        match run_one(&p, job(None)).await {
+            JobOutcome::WorkerLost(why) => assert!(why.contains("signal 9"), "{why}"),
+            other => panic!("unexpected outcome {other:?}"),
+        }
     }
 
     /// A process that closes its output but lives on is killed, not waited

@@ -18,6 +18,13 @@ use serde_json::Value;
 /// room below serde_json's 128 for every wrapper a value travels in.
 pub const MAX_DEPTH: usize = 100;
 
+/// Deepest nesting of a task's result (or its exception's arguments): two
+/// levels less than an argument, because a result becomes part of the
+/// next step's arguments, and a chord body receives it inside the list of
+/// header results (inside another list when a header is a group). What a
+/// task may return, the next step may then also receive.
+pub const MAX_RESULT_DEPTH: usize = MAX_DEPTH - 2;
+
 /// Deepest nesting a decoder of a whole document (a message body, a frame)
 /// is allowed to follow: [`MAX_DEPTH`] plus room for the wrappers. Also
 /// the msgpack decoder's limit, so both serializers refuse at one depth.
@@ -79,15 +86,25 @@ pub fn depth_beyond(value: &Value, limit: usize) -> usize {
 
 /// A value nested deeper than [`MAX_DEPTH`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{what} is nested more than {max} levels deep (tori-worker's limit for values it carries)", max = MAX_DEPTH)]
+#[error("{what} is nested more than {max} levels deep (tori-worker's limit for values it carries)")]
 pub struct TooDeep {
     pub what: String,
+    pub max: usize,
 }
 
-/// Checks one value against [`MAX_DEPTH`]; `what` names it in the error.
+/// Checks an argument against [`MAX_DEPTH`]; `what` names it in the error.
 pub fn check_depth(value: &Value, what: impl FnOnce() -> String) -> Result<(), TooDeep> {
-    if depth_beyond(value, MAX_DEPTH) > MAX_DEPTH {
-        Err(TooDeep { what: what() })
+    check_depth_at(value, MAX_DEPTH, what)
+}
+
+/// Checks a value against `max` levels; `what` names it in the error.
+pub fn check_depth_at(
+    value: &Value,
+    max: usize,
+    what: impl FnOnce() -> String,
+) -> Result<(), TooDeep> {
+    if depth_beyond(value, max) > max {
+        Err(TooDeep { what: what(), max })
     } else {
         Ok(())
     }

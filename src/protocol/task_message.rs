@@ -456,7 +456,8 @@ fn time_limit(value: Option<&Value>) -> Result<TimeLimit, DecodeError> {
         Some(Value::Number(n)) => {
             let secs = n.as_f64().unwrap_or(f64::NAN);
             match limits::seconds(secs) {
-                Some(d) if d.is_zero() => Ok(None),
+                // 0 is Celery's "no limit"; a tiny positive one is a limit.
+                Some(_) if secs == 0.0 => Ok(None),
                 Some(_) => Ok(Some(secs)),
                 None => Err(DecodeError::value(format!(
                     "timelimit {which} must be a number of seconds from 0 to {:e}, got {n}",

@@ -525,7 +525,22 @@ async fn retry(
         }
     }
     let delay = retry_delay(f.options, f.msg.retries, countdown);
-    let eta = Utc::now() + chrono::Duration::milliseconds((delay * 1000.0) as i64);
+    // A countdown can come from the producer (`tori.flaky(countdown=…)`):
+    // one that is no usable number of seconds fails the task, not the
+    // worker's handling.
+    let Some(eta) = crate::protocol::limits::seconds(delay)
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .and_then(|d| Utc::now().checked_add_signed(d))
+    else {
+        let exc = PyException::builtin(
+            "ValueError",
+            format!(
+                "retry countdown must be a number of seconds from 0 to {:e}, got {delay}",
+                crate::protocol::limits::MAX_SECONDS
+            ),
+        );
+        return fail(ctx, f, exc, None, f.runtime.as_secs_f64()).await;
+    };
     let republished = retry_of(&f.delivery.envelope, f.msg, eta);
     // From here the retry may be out: a panic must not fail the task.
     ctx.inflight.mark_settling(f.tag);

@@ -145,18 +145,20 @@ def test_nesting_at_every_depth_from_1_to_10000(worker_factory, redis_server, ap
         else:
             kind = meta["result"]["exc_type"]
         kinds.setdefault(kind, []).append(depth)
-    # The limit is 100 containers per value: echo wraps the argument two
-    # levels deeper ({"args": [arg]}), so its result reaches the limit first.
-    assert kinds.get("SUCCESS") == list(range(1, 99)), kinds.keys()
-    assert kinds.get("EncodeError") == [99, 100]
+    # The limit is 100 containers per argument and 98 per result (a result
+    # travels on inside the next step's arguments): echo wraps the argument
+    # two levels deeper ({"args": [arg]}), so its result reaches its limit
+    # first.
+    assert kinds.get("SUCCESS") == list(range(1, 97)), kinds.keys()
+    assert kinds.get("EncodeError") == [97, 98, 99, 100]
     assert kinds.get("DecodeError") == list(range(101, 10_001))
     assert set(kinds) == {"SUCCESS", "EncodeError", "DecodeError"}
 
     # What the client sees, at the edges and far past them.
-    ok = AsyncResult(ids[98], app=app).get(timeout=10)
-    assert json.dumps(ok["args"][0]) .replace(" ", "") == nested(98)
-    enc = failure_of(app, ids[99])
-    assert type(enc).__name__ == "EncodeError" and "nested more than 100" in str(enc)
+    ok = AsyncResult(ids[96], app=app).get(timeout=10)
+    assert json.dumps(ok["args"][0]).replace(" ", "") == nested(96)
+    enc = failure_of(app, ids[97])
+    assert type(enc).__name__ == "EncodeError" and "nested more than 98" in str(enc)
     for depth in (101, 126, 127, 128, 129, 10_000):
         exc = failure_of(app, ids[depth])
         assert type(exc).__name__ == "DecodeError", (depth, exc)
@@ -351,6 +353,11 @@ def test_producer_numbers_are_validated_not_panicked_on(worker_factory, redis_se
     r.get(timeout=20, propagate=False)
     assert r.state == "FAILURE" and type(r.result).__name__ == "ValueError", repr(r.result)
     assert "too large" in str(r.result)
+    # A retry countdown from the producer, far past any usable delay.
+    r = app.send_task("tori.flaky", args=[5], kwargs={"countdown": 1e300})
+    r.get(timeout=20, propagate=False)
+    assert r.state == "FAILURE" and type(r.result).__name__ == "ValueError", repr(r.result)
+    assert "retry countdown" in str(r.result)
     assert "panic" not in w.log_text().lower()
     assert_healthy(app, w)
 
