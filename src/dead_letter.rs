@@ -482,7 +482,7 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{Broker, BrokerConfig, Fetched};
+    use crate::broker::{Broker, Fetched};
     use crate::test_redis::redis_and_link;
     use std::time::Duration;
 
@@ -640,18 +640,7 @@ mod tests {
     }
 
     fn broker_with_max(link: &RedisLink, keys: &Keys, max: u64) -> Broker {
-        Broker::new(
-            link.clone(),
-            link.clone(),
-            BrokerConfig {
-                queues: vec!["celery".into()],
-                keys: keys.clone(),
-                visibility_timeout: Duration::from_secs(3600),
-                worker_name: "test@host".into(),
-                dead_letter_max: max,
-                max_message_size: None,
-            },
-        )
+        crate::broker::test_broker(link, keys, max)
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -924,6 +924,24 @@ fn rotate(order: &mut Vec<String>, fetched: &[Fetched]) {
 /// The separator, re-exported for callers that format list keys.
 pub const KEY_SEP: &str = SEP;
 
+/// A broker on `link` consuming `celery`, keeping at most
+/// `dead_letter_max` dead letters (0: all), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_broker(link: &RedisLink, keys: &Keys, dead_letter_max: u64) -> Broker {
+    Broker::new(
+        link.clone(),
+        link.clone(),
+        BrokerConfig {
+            queues: vec!["celery".into()],
+            keys: keys.clone(),
+            visibility_timeout: Duration::from_secs(3600),
+            worker_name: "test@host".into(),
+            max_message_size: None,
+            dead_letter_max,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -960,18 +978,7 @@ mod tests {
     }
 
     fn test_broker(link: &RedisLink, keys: &Keys) -> Broker {
-        Broker::new(
-            link.clone(),
-            link.clone(),
-            BrokerConfig {
-                queues: vec!["celery".into()],
-                keys: keys.clone(),
-                visibility_timeout: Duration::from_secs(3600),
-                worker_name: "test@host".into(),
-                max_message_size: None,
-                dead_letter_max: 0,
-            },
-        )
+        super::test_broker(link, keys, 0)
     }
 
     fn vector_message() -> String {
