@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::redis_url::{RedisSettings, TransportOptions, UrlError};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tori-worker",
@@ -116,12 +118,29 @@ pub enum LogFormat {
 /// `dead-letter` command, so both read the same flags and variables.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// Broker URL: redis://[:password@]host[:port][/db], rediss:// (TLS),
-    /// unix:///path/to/socket?db=N.
+    /// Broker URL: redis://[user:password@]host[:port][/db], rediss://
+    /// (TLS, with ?ssl_cert_reqs=&ssl_ca_certs=&ssl_certfile=&ssl_keyfile=),
+    /// unix:///path.sock?db=N, redis+socket:///path.sock?virtual_host=N,
+    /// sentinel://host:26379[/db][;sentinel://host2:26379...] (with
+    /// master_name in --broker-transport-options).
     #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
     pub broker: Option<String>,
 
-    /// Prefix for every broker key (kombu's `global_keyprefix`).
+    /// Celery's `broker_use_ssl` as JSON: {"ssl_cert_reqs": "required",
+    /// "ssl_ca_certs": "/ca.pem", "ssl_certfile": ..., "ssl_keyfile": ...,
+    /// "ssl_check_hostname": true}. Turns TLS on; the URL's own ssl_*
+    /// parameters win over it.
+    #[arg(long, env = "CELERY_BROKER_USE_SSL")]
+    pub broker_use_ssl: Option<String>,
+
+    /// Celery's `broker_transport_options` as JSON: master_name,
+    /// sentinel_kwargs ({"password": ...}), visibility_timeout,
+    /// global_keyprefix, socket_timeout, socket_connect_timeout.
+    #[arg(long, env = "CELERY_BROKER_TRANSPORT_OPTIONS")]
+    pub broker_transport_options: Option<String>,
+
+    /// Prefix for every broker key (kombu's `global_keyprefix`; the
+    /// transport option of that name is used when this is not given).
     #[arg(long, default_value = "")]
     pub key_prefix: String,
 
@@ -141,6 +160,55 @@ impl BrokerArgs {
     }
 }
 
+impl BrokerArgs {
+    /// The broker's transport options (`{}` when not given).
+    pub fn transport_options(&self) -> Result<TransportOptions, ConfigError> {
+        transport_options(
+            self.broker_transport_options.as_deref(),
+            "--broker-transport-options",
+        )
+    }
+
+    /// Where and how to reach the broker.
+    pub fn settings(&self) -> Result<RedisSettings, ConfigError> {
+        let url = self.broker_url()?;
+        let ssl = use_ssl(self.broker_use_ssl.as_deref(), "--broker-use-ssl")?;
+        Ok(crate::redis_url::parse(
+            &url,
+            ssl.as_ref(),
+            &self.transport_options()?,
+        )?)
+    }
+
+    /// `--key-prefix`, else the transport options' `global_keyprefix`.
+    pub fn key_prefix(&self) -> Result<String, ConfigError> {
+        if !self.key_prefix.is_empty() {
+            return Ok(self.key_prefix.clone());
+        }
+        Ok(self
+            .transport_options()?
+            .global_keyprefix
+            .unwrap_or_default())
+    }
+}
+
+fn transport_options(json: Option<&str>, option: &str) -> Result<TransportOptions, ConfigError> {
+    match json.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(TransportOptions::default()),
+        Some(json) => Ok(TransportOptions::parse(json, option)?),
+    }
+}
+
+fn use_ssl(
+    json: Option<&str>,
+    option: &str,
+) -> Result<Option<std::collections::BTreeMap<String, String>>, ConfigError> {
+    match json.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(json) => Ok(Some(crate::redis_url::parse_use_ssl(json, option)?)),
+    }
+}
+
 fn redis_url_env() -> Option<String> {
     std::env::var("REDIS_URL").ok().filter(|s| !s.is_empty())
 }
@@ -150,9 +218,19 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
-    /// Result backend URL (a Redis URL); defaults to the broker URL.
+    /// Result backend URL (a Redis URL in any of the broker's forms);
+    /// defaults to the broker URL.
     #[arg(long, env = "CELERY_RESULT_BACKEND")]
     pub result_backend: Option<String>,
+
+    /// Celery's `redis_backend_use_ssl` as JSON (see --broker-use-ssl).
+    #[arg(long, env = "CELERY_REDIS_BACKEND_USE_SSL")]
+    pub redis_backend_use_ssl: Option<String>,
+
+    /// Celery's `result_backend_transport_options` as JSON: master_name,
+    /// sentinel_kwargs, global_keyprefix, socket_timeout, ...
+    #[arg(long, env = "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS")]
+    pub result_backend_transport_options: Option<String>,
 
     /// Queues to consume, comma-separated.
     #[arg(short = 'Q', long, value_delimiter = ',', default_value = "celery")]
@@ -225,8 +303,10 @@ pub struct WorkerArgs {
     /// Seconds a message may stay unacknowledged before any worker on the
     /// database restores it (kombu's `visibility_timeout`). Use the same
     /// value as your Python workers.
-    #[arg(long, default_value_t = 3600.0, env = "TORI_VISIBILITY_TIMEOUT")]
-    pub visibility_timeout: f64,
+    /// The transport options' `visibility_timeout` is used when this is
+    /// not given; the default is kombu's, 3600.
+    #[arg(long, env = "TORI_VISIBILITY_TIMEOUT")]
+    pub visibility_timeout: Option<f64>,
 
     /// Seconds between restore sweeps of expired unacked messages.
     #[arg(long, default_value_t = 10.0)]
@@ -319,8 +399,11 @@ pub struct WorkerArgs {
 /// Everything the worker needs, resolved and validated.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    pub broker_url: String,
-    pub backend_url: String,
+    pub broker: RedisSettings,
+    pub backend: RedisSettings,
+    /// The result backend's key prefix (`global_keyprefix` of
+    /// `--result-backend-transport-options`).
+    pub backend_key_prefix: String,
     pub queues: Vec<String>,
     pub concurrency: usize,
     /// `(max, min)` from `--autoscale`; `concurrency` is then `min`.
@@ -370,6 +453,8 @@ pub enum ConfigError {
     NoQueues,
     #[error("--autoscale takes MAX,MIN (or MAX) with MAX >= MIN >= 1, got {0:?}")]
     BadAutoscale(String),
+    #[error(transparent)]
+    Redis(#[from] UrlError),
 }
 
 fn positive(value: f64, name: &'static str) -> Result<Duration, ConfigError> {
@@ -412,12 +497,42 @@ pub fn expand_node_name(template: &str, host: &str) -> String {
 impl WorkerArgs {
     pub fn resolve(&self) -> Result<WorkerConfig, ConfigError> {
         let broker_url = self.broker.broker_url()?;
+        let broker = self.broker.settings()?;
         let backend_url = self
             .result_backend
             .clone()
             .filter(|s| !s.is_empty())
             .or_else(redis_url_env)
             .unwrap_or_else(|| broker_url.clone());
+        let broker_options = self.broker.transport_options()?;
+        let backend_options = transport_options(
+            self.result_backend_transport_options.as_deref(),
+            "--result-backend-transport-options",
+        )?;
+        // As in Celery, the backend falls back to the broker's TLS settings
+        // only when it is the same URL.
+        let backend_ssl = match use_ssl(
+            self.redis_backend_use_ssl.as_deref(),
+            "--redis-backend-use-ssl",
+        )? {
+            Some(ssl) => Some(ssl),
+            None if backend_url == broker_url => {
+                use_ssl(self.broker.broker_use_ssl.as_deref(), "--broker-use-ssl")?
+            }
+            None => None,
+        };
+        let backend_opts_for_url =
+            if self.result_backend_transport_options.is_none() && backend_url == broker_url {
+                broker_options.clone()
+            } else {
+                backend_options.clone()
+            };
+        let backend =
+            crate::redis_url::parse(&backend_url, backend_ssl.as_ref(), &backend_opts_for_url)?;
+        let visibility_timeout = self
+            .visibility_timeout
+            .or(broker_options.visibility_timeout)
+            .unwrap_or(3600.0);
         let queues: Vec<String> = self
             .queues
             .iter()
@@ -444,8 +559,9 @@ impl WorkerArgs {
             }
         };
         Ok(WorkerConfig {
-            broker_url,
-            backend_url,
+            broker,
+            backend,
+            backend_key_prefix: backend_options.global_keyprefix.unwrap_or_default(),
             queues,
             concurrency: match (self.pool, autoscale) {
                 (PoolKind::Solo, _) => 1,
@@ -464,14 +580,14 @@ impl WorkerArgs {
             result_expires: (self.result_expires > 0)
                 .then(|| Duration::from_secs(self.result_expires)),
             result_extended: self.result_extended,
-            visibility_timeout: positive(self.visibility_timeout, "--visibility-timeout")?,
+            visibility_timeout: positive(visibility_timeout, "--visibility-timeout")?,
             restore_interval: positive(self.restore_interval, "--restore-interval")?,
             eta_horizon: positive(self.eta_horizon, "--eta-horizon")?,
             max_held_eta: self.max_held_eta,
             dead_letter_key: self.broker.dead_letter_key.clone(),
             dead_letter_max: self.dead_letter_max,
             default_queue: self.default_queue.clone(),
-            key_prefix: self.broker.key_prefix.clone(),
+            key_prefix: self.broker.key_prefix()?,
             soft_shutdown_timeout: positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?,
             max_tasks_per_child: self.max_tasks_per_child.filter(|n| *n > 0),
             max_memory_per_child_kib: self.max_memory_per_child.filter(|n| *n > 0),
@@ -526,7 +642,7 @@ mod tests {
         let cfg = cli.worker.resolve().unwrap();
         assert_eq!(cfg.queues, vec!["a", "b"]);
         assert_eq!(cfg.concurrency, 3);
-        assert_eq!(cfg.backend_url, "redis://h/1");
+        assert_eq!(cfg.backend.redacted(), "redis://h/1");
         assert!(cfg.acks_late);
         let cli = Cli::try_parse_from(["tori-worker", "worker", "--broker", "redis://h"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Worker(_))));

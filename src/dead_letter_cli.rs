@@ -13,10 +13,10 @@ use tori_worker::dead_letter::{DeadLetters, Record, Summary};
 use tori_worker::redis_link::RedisLink;
 
 pub fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
-    let url = args.broker.broker_url()?;
+    let settings = args.broker.settings()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let link = RedisLink::open(&url, "dead-letter", Duration::from_secs(30))?;
-    let keys = Keys::new(&args.broker.key_prefix, &args.broker.dead_letter_key);
+    let link = RedisLink::connect_to(&settings, "dead-letter", Duration::from_secs(30))?;
+    let keys = Keys::new(&args.broker.key_prefix()?, &args.broker.dead_letter_key);
     let dl = DeadLetters::new(link, keys);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod protocol;
 mod redis_batch;
 pub mod redis_link;
+pub mod redis_url;
 #[cfg(test)]
 mod test_redis;
 pub mod worker;

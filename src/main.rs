@@ -11,7 +11,9 @@ mod dead_letter_cli;
 use anyhow::Context as _;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tori_worker::config::{Cli, Command, LogFormat, WorkerArgs};
+use tori_worker::config::{Cli, Command, ConfigError, LogFormat, WorkerArgs};
+use tori_worker::redis_link::LinkError;
+use tori_worker::redis_url::UrlError;
 use tori_worker::worker::{Stop, Worker};
 use tracing_subscriber::EnvFilter;
 
@@ -57,9 +59,28 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(Command::Worker(args)) => run_worker(*args),
-        None => run_worker(cli.worker),
+        Some(Command::Worker(args)) => config_exit(run_worker(*args)),
+        None => config_exit(run_worker(cli.worker)),
     }
+}
+
+/// sysexits' EX_CONFIG: the worker cannot start as configured (a bad URL
+/// or option, a TLS certificate or file problem). Retrying will not help,
+/// so a supervisor should not restart it in a tight loop unnoticed.
+const EX_CONFIG: i32 = 78;
+
+fn config_exit(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(e) = &result {
+        let config = e.downcast_ref::<LinkError>().is_some()
+            || e.downcast_ref::<ConfigError>().is_some()
+            || e.downcast_ref::<UrlError>().is_some();
+        if config {
+            tracing::error!(error = %e, "cannot start: configuration");
+            eprintln!("tori-worker: {e}");
+            std::process::exit(EX_CONFIG);
+        }
+    }
+    result
 }
 
 fn print_tasks(json: bool, chaos: bool) -> anyhow::Result<()> {

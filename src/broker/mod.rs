@@ -1010,6 +1010,8 @@ mod tests {
                 // Its own connection: the link's is busy with the BRPOP.
                 let mut conn = link
                     .client()
+                    .await
+                    .unwrap()
                     .get_multiplexed_async_connection()
                     .await
                     .unwrap();

@@ -8,7 +8,6 @@ use serde_json::{json, Map, Value};
 use super::Request;
 use crate::protocol::task_message::format_time;
 use crate::protocol::{State, StateDoc};
-use crate::redis_link::redact_url;
 use crate::worker::{rate_limit, Ctx, Phase, Stop};
 
 /// Runs a command; `None` means "send no reply" (casts like `shutdown`).
@@ -247,8 +246,8 @@ fn active_queues(ctx: &Ctx) -> Value {
 fn conf(ctx: &Ctx) -> Value {
     let c = &ctx.cfg;
     json!({
-        "broker_url": redact_url(&c.broker_url),
-        "result_backend": redact_url(&c.backend_url),
+        "broker_url": c.broker.redacted(),
+        "result_backend": c.backend.redacted(),
         "worker_concurrency": c.concurrency,
         "worker_pool": format!("{:?}", c.pool).to_lowercase(),
         "worker_prefetch_multiplier": c.prefetch_multiplier,
@@ -262,9 +261,24 @@ fn conf(ctx: &Ctx) -> Value {
         "result_extended": c.result_extended,
         "worker_max_tasks_per_child": c.max_tasks_per_child,
         "worker_max_memory_per_child": c.max_memory_per_child_kib,
-        "broker_transport_options": {"visibility_timeout": c.visibility_timeout.as_secs_f64()},
+        "broker_transport_options": broker_transport_options(c),
+        "broker_use_ssl": c.broker.tls.is_some(),
+        "redis_backend_use_ssl": c.backend.tls.is_some(),
         "task_queues": ctx.queues(),
     })
+}
+
+/// The transport options in effect, without secrets (the sentinels'
+/// password is never shown).
+fn broker_transport_options(c: &crate::config::WorkerConfig) -> Value {
+    let mut options = json!({
+        "visibility_timeout": c.visibility_timeout.as_secs_f64(),
+        "global_keyprefix": c.key_prefix,
+    });
+    if let crate::redis_url::Endpoint::Sentinel { master_name, .. } = &c.broker.endpoint {
+        options["master_name"] = json!(master_name);
+    }
+    options
 }
 
 fn report(ctx: &Ctx) -> String {
@@ -275,7 +289,7 @@ fn report(ctx: &Ctx) -> String {
         ctx.cfg.node_name,
         ctx.pool.kind(),
         ctx.pool.size(),
-        redact_url(&ctx.cfg.broker_url),
+        ctx.cfg.broker.redacted(),
         ctx.queues().join(", "),
     )
 }
@@ -529,15 +543,18 @@ fn rusage() -> Value {
 fn stats(ctx: &Ctx) -> Value {
     let c = &ctx.cfg;
     let totals = ctx.totals.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let info = ctx.broker.link().client().get_connection_info();
-    let (hostname, port, ssl) = match info.addr() {
-        redis::ConnectionAddr::Tcp(h, p) => (json!(h), json!(p), false),
-        redis::ConnectionAddr::TcpTls { host, port, .. } => (json!(host), json!(port), true),
-        redis::ConnectionAddr::Unix(path) => {
-            (json!(path.display().to_string()), Value::Null, false)
+    let settings = ctx.broker.link().settings();
+    let (hostname, port) = match &settings.endpoint {
+        crate::redis_url::Endpoint::Tcp { host, port } => (json!(host), json!(port)),
+        crate::redis_url::Endpoint::Unix { path } => {
+            (json!(path.display().to_string()), Value::Null)
         }
-        _ => (Value::Null, Value::Null, false),
+        crate::redis_url::Endpoint::Sentinel { nodes, .. } => nodes
+            .first()
+            .map(|(h, p)| (json!(h), json!(p)))
+            .unwrap_or((Value::Null, Value::Null)),
     };
+    let ssl = settings.tls.is_some();
     json!({
         "total": totals,
         "pid": std::process::id(),
@@ -555,8 +572,8 @@ fn stats(ctx: &Ctx) -> Value {
         "autoscaler": ctx.autoscaler.as_ref().map(|a| a.info(ctx)).unwrap_or_else(|| json!({})),
         "broker": {
             "hostname": hostname,
-            "userid": info.redis_settings().username(),
-            "virtual_host": info.redis_settings().db().to_string(),
+            "userid": settings.username,
+            "virtual_host": settings.db.to_string(),
             "port": port,
             "insist": false,
             "ssl": ssl,

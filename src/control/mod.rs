@@ -135,7 +135,7 @@ pub(crate) async fn mailbox(ctx: Arc<Ctx>) {
         if ctx.stopping() {
             break;
         }
-        let mut pubsub = match link.client().get_async_pubsub().await {
+        let mut pubsub = match link.pubsub().await {
             Ok(p) => p,
             Err(e) => {
                 let delay = backoff.next_delay();

@@ -221,15 +221,15 @@ impl Worker {
     pub fn new(cfg: WorkerConfig, registry: Registry) -> anyhow::Result<Self> {
         // BRPOP waits 1 s; give its replies ample time before calling the
         // connection dead. Other commands are quick.
-        let broker_link = RedisLink::open(&cfg.broker_url, "broker", Duration::from_secs(10))?;
-        let blocking = RedisLink::open(&cfg.broker_url, "consumer", Duration::from_secs(10))?;
+        let broker_link = RedisLink::connect_to(&cfg.broker, "broker", Duration::from_secs(10))?;
+        let blocking = RedisLink::connect_to(&cfg.broker, "consumer", Duration::from_secs(10))?;
         // The same Redis for both (the usual setup): one connection, so a
         // task's result and another's ack leave in one pipeline (see
         // `redis_batch`) instead of one round trip each on two sockets.
-        let backend_link = if cfg.backend_url == cfg.broker_url {
+        let backend_link = if cfg.backend == cfg.broker {
             broker_link.clone()
         } else {
-            RedisLink::open(&cfg.backend_url, "backend", Duration::from_secs(10))?
+            RedisLink::connect_to(&cfg.backend, "backend", Duration::from_secs(10))?
         };
         let broker = Broker::new(
             broker_link,
@@ -243,8 +243,8 @@ impl Worker {
                 dead_letter_max: cfg.dead_letter_max,
             },
         );
-        let backend = ResultBackend::new(backend_link, "", cfg.result_expires);
-        let events_link = RedisLink::open(&cfg.broker_url, "events", Duration::from_secs(10))?;
+        let backend = ResultBackend::new(backend_link, &cfg.backend_key_prefix, cfg.result_expires);
+        let events_link = RedisLink::connect_to(&cfg.broker, "events", Duration::from_secs(10))?;
         let events = Events::new(
             events_link,
             &cfg.node_name,
@@ -342,6 +342,14 @@ impl Worker {
         );
         if let Err(why) = tasks::ingestion_status() {
             tracing::warn!(%why, "pdf_ingestion is not available in this worker (run scripts/setup-native); its messages will fail with NotRegistered");
+        }
+        for link in [ctx.broker.link(), ctx.backend.link()] {
+            // Waits while Redis is away; a TLS failure ends start-up here,
+            // with what to change, instead of retrying for ever.
+            link.ready().await?;
+            for ignored in &link.settings().ignored {
+                tracing::warn!(role = link.role(), option = %ignored, "Redis option not used by tori-worker");
+            }
         }
         ctx.broker.declare_queues(&cfg.queues).await?;
         match ctx.broker.restore_visible().await {
