@@ -602,9 +602,14 @@ mod tests {
         let cfg = cli.worker.resolve().unwrap();
         assert_eq!(cfg.shutdown_timeout, Duration::from_secs(3));
         assert_eq!(cfg.soft_shutdown_timeout, Duration::from_secs(3));
-        let cli =
-            Cli::try_parse_from(["tori-worker", "--broker", "redis://h", "--shutdown-timeout", "0"])
-                .unwrap();
+        let cli = Cli::try_parse_from([
+            "tori-worker",
+            "--broker",
+            "redis://h",
+            "--shutdown-timeout",
+            "0",
+        ])
+        .unwrap();
         assert!(matches!(
             cli.worker.resolve(),
             Err(ConfigError::BadSeconds("--shutdown-timeout"))

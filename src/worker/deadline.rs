@@ -117,7 +117,10 @@ mod tests {
         let t0 = Instant::now();
         let d = Deadlines::new(t0, secs(0.2), secs(0.2));
         assert_eq!(d.hard - t0, secs(0.2));
-        assert_eq!(d.warm_end, t0, "reserve larger than the bound: no warm wait");
+        assert_eq!(
+            d.warm_end, t0,
+            "reserve larger than the bound: no warm wait"
+        );
     }
 
     #[test]

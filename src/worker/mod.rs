@@ -44,8 +44,8 @@ use crate::pool::prefork::{PreforkConfig, PreforkPool};
 use crate::pool::threads::ThreadPool;
 use crate::pool::Pool;
 use crate::redis_link::{Backoff, RedisLink};
-pub use deadline::{Left, StopOutcome};
 use deadline::Deadlines;
+pub use deadline::{Left, StopOutcome};
 pub use inflight::{Entry, InFlight, Phase};
 
 /// How the worker was asked to stop.
@@ -723,6 +723,7 @@ async fn shutdown(
     }
     tracing::info!(
         restored,
+        left = left.len(),
         ?mode,
         "shutdown: unstarted messages put back on their queues"
     );
