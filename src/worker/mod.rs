@@ -12,7 +12,9 @@
 //! Shutdown: warm puts every unstarted message back at once and waits for
 //! running tasks; cold (or a warm timeout) puts back running late-ack
 //! messages too. Nothing acked early is ever re-run; nothing unacked is
-//! ever dropped.
+//! ever dropped. All of it ends by `--shutdown-timeout` (`deadline.rs`):
+//! what Redis did not take back by then stays in `unacked` for the
+//! visibility restore.
 
 pub(crate) mod autoscale;
 mod chain;
