@@ -337,9 +337,16 @@ pub struct WorkerArgs {
     pub default_queue: String,
 
     /// Seconds a warm shutdown waits for running tasks before restoring
-    /// them (late ack) and exiting.
-    #[arg(long, default_value_t = 60.0)]
+    /// them (late ack) and exiting; at most --shutdown-timeout.
+    #[arg(long, default_value_t = 20.0)]
     pub soft_shutdown_timeout: f64,
+
+    /// Hard bound, in seconds, on the whole shutdown from the first stop
+    /// signal to exit, Redis reachable or not. Messages that cannot be put
+    /// back in time stay in `unacked` for the visibility restore (exit
+    /// code 3). Keep it below Kubernetes' terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 25.0, env = "TORI_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: f64,
 
     /// Send task events (Celery's `-E`); monitors can also switch them on
     /// at run time with `enable_events`. Worker heartbeats are always sent.
@@ -427,7 +434,9 @@ pub struct WorkerConfig {
     pub dead_letter_max: u64,
     pub default_queue: String,
     pub key_prefix: String,
+    /// Never more than `shutdown_timeout`.
     pub soft_shutdown_timeout: Duration,
+    pub shutdown_timeout: Duration,
     pub max_tasks_per_child: Option<u64>,
     pub max_memory_per_child_kib: Option<u64>,
     /// `None`: no limit.
@@ -558,6 +567,18 @@ impl WorkerArgs {
                 Some(parse_autoscale(spec).ok_or_else(|| ConfigError::BadAutoscale(spec.clone()))?)
             }
         };
+        let shutdown_timeout = positive(self.shutdown_timeout, "--shutdown-timeout")?;
+        let soft = positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?;
+        let soft_shutdown_timeout = soft.min(shutdown_timeout);
+        if soft > shutdown_timeout {
+            // The hard bound wins: a warm wait that outlasts it would be
+            // cut short anyway, with the tasks killed rather than put back.
+            tracing::warn!(
+                soft_shutdown_timeout = soft.as_secs_f64(),
+                shutdown_timeout = shutdown_timeout.as_secs_f64(),
+                "--soft-shutdown-timeout is longer than --shutdown-timeout; using --shutdown-timeout"
+            );
+        }
         Ok(WorkerConfig {
             broker,
             backend,
@@ -588,7 +609,8 @@ impl WorkerArgs {
             dead_letter_max: self.dead_letter_max,
             default_queue: self.default_queue.clone(),
             key_prefix: self.broker.key_prefix()?,
-            soft_shutdown_timeout: positive(self.soft_shutdown_timeout, "--soft-shutdown-timeout")?,
+            soft_shutdown_timeout,
+            shutdown_timeout,
             max_tasks_per_child: self.max_tasks_per_child.filter(|n| *n > 0),
             max_memory_per_child_kib: self.max_memory_per_child.filter(|n| *n > 0),
             max_message_size: (self.max_message_size > 0)
@@ -672,10 +694,41 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(25));
+        assert_eq!(cfg.soft_shutdown_timeout, Duration::from_secs(20));
         let cli = Cli::try_parse_from(["tori-worker", "tasks", "--json"]).unwrap();
         assert!(matches!(
             cli.command,
             Some(Command::Tasks { json: true, .. })
+        ));
+    }
+
+    #[test]
+    fn the_soft_shutdown_fits_inside_the_hard_bound() {
+        let cli = Cli::try_parse_from([
+            "tori-worker",
+            "--broker",
+            "redis://h",
+            "--shutdown-timeout",
+            "3",
+            "--soft-shutdown-timeout",
+            "60",
+        ])
+        .unwrap();
+        let cfg = cli.worker.resolve().unwrap();
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.soft_shutdown_timeout, Duration::from_secs(3));
+        let cli = Cli::try_parse_from([
+            "tori-worker",
+            "--broker",
+            "redis://h",
+            "--shutdown-timeout",
+            "0",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.worker.resolve(),
+            Err(ConfigError::BadSeconds("--shutdown-timeout"))
         ));
     }
 }

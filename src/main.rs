@@ -10,7 +10,7 @@ mod dead_letter_cli;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tori_worker::config::{Cli, Command, ConfigError, LogFormat, WorkerArgs};
 use tori_worker::redis_link::LinkError;
 use tori_worker::redis_url::UrlError;
@@ -168,39 +168,58 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         .thread_name("tori-io")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let stopped = runtime.block_on(async move {
+        // Listen before anything else: a stop must work in every phase,
+        // start-up without Redis included. A signal arriving before the
+        // watcher runs is kept by its stream.
+        let signals = Signals::listen().context("listening for signals")?;
         let registry = tori_worker::task_registry(cfg.enable_chaos_tasks);
         let worker = Worker::new(cfg, registry)?;
-        let stopper = worker.stopper();
-        tokio::spawn(async move {
-            if let Err(e) = watch_signals(stopper).await {
-                tracing::error!(error = %e, "cannot listen for signals");
-            }
-        });
+        tokio::spawn(signals.watch(worker.stopper()));
         worker.run().await
     })?;
-    // Threads abandoned at a hard time limit must not keep the process up.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // Threads abandoned at a hard time limit must not keep the process
+    // up, nor past --shutdown-timeout. Dropping the runtime's tasks also
+    // kills any pool process still there (kill on drop).
+    runtime.shutdown_timeout(stopped.time_left.min(std::time::Duration::from_secs(1)));
+    let code = stopped.outcome.exit_code();
+    if code != 0 {
+        std::process::exit(code);
+    }
     Ok(())
 }
 
-/// SIGTERM or SIGINT: warm shutdown. A second one, or SIGQUIT: cold.
-async fn watch_signals(stopper: tokio::sync::watch::Sender<Stop>) -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    loop {
-        let cold = tokio::select! {
-            _ = term.recv() => false,
-            _ = int.recv() => false,
-            _ = quit.recv() => true,
-        };
-        let next = if cold || *stopper.borrow() != Stop::Running {
-            Stop::Cold
-        } else {
-            Stop::Warm
-        };
-        tracing::warn!(mode = ?next, "shutdown requested");
-        stopper.send_replace(next);
+/// The stop signals, registered from the first moment.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+}
+
+impl Signals {
+    fn listen() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    /// SIGTERM or SIGINT: warm shutdown. A second one, or SIGQUIT: cold.
+    async fn watch(mut self, stopper: tokio::sync::watch::Sender<Stop>) {
+        loop {
+            let cold = tokio::select! {
+                _ = self.term.recv() => false,
+                _ = self.int.recv() => false,
+                _ = self.quit.recv() => true,
+            };
+            let next = if cold || *stopper.borrow() != Stop::Running {
+                Stop::Cold
+            } else {
+                Stop::Warm
+            };
+            tracing::warn!(mode = ?next, "shutdown requested");
+            stopper.send_replace(next);
+        }
     }
 }

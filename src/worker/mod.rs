@@ -12,11 +12,14 @@
 //! Shutdown: warm puts every unstarted message back at once and waits for
 //! running tasks; cold (or a warm timeout) puts back running late-ack
 //! messages too. Nothing acked early is ever re-run; nothing unacked is
-//! ever dropped.
+//! ever dropped. All of it ends by `--shutdown-timeout` (`deadline.rs`):
+//! what Redis did not take back by then stays in `unacked` for the
+//! visibility restore.
 
 pub(crate) mod autoscale;
 mod chain;
 mod chord;
+pub mod deadline;
 mod handler_panic;
 mod inflight;
 mod message;
@@ -28,7 +31,7 @@ mod unrunnable;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tasks::Registry;
@@ -43,6 +46,8 @@ use crate::pool::prefork::{PreforkConfig, PreforkPool};
 use crate::pool::threads::ThreadPool;
 use crate::pool::Pool;
 use crate::redis_link::{Backoff, RedisLink};
+use deadline::Deadlines;
+pub use deadline::{Left, StopOutcome};
 pub use inflight::{Entry, InFlight, Phase};
 
 /// How the worker was asked to stop.
@@ -86,6 +91,8 @@ pub struct Ctx {
     pub stop_tx: watch::Sender<Stop>,
     /// Present with `--autoscale`.
     pub autoscaler: Option<autoscale::Autoscaler>,
+    /// When the stop was first seen: the shutdown deadlines count from it.
+    stop_seen_at: OnceLock<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -195,6 +202,17 @@ impl Ctx {
         )
     }
 
+    /// A held message as named in the shutdown report.
+    fn left(&self, tag: &str) -> Left {
+        Left {
+            delivery_tag: tag.to_owned(),
+            task_id: self
+                .inflight
+                .view(tag, |e| e.task_id.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn stopping(&self) -> bool {
         *self.stop.borrow() != Stop::Running
     }
@@ -203,6 +221,29 @@ impl Ctx {
     pub async fn stopped(&self) {
         let mut rx = self.stop.clone();
         let _ = rx.wait_for(|s| *s != Stop::Running).await;
+    }
+
+    /// Resolves when a cold stop is requested (a second signal).
+    async fn stopped_cold(&self) {
+        let mut rx = self.stop.clone();
+        let _ = rx.wait_for(|s| *s == Stop::Cold).await;
+    }
+
+    /// The shutdown deadlines, counted from the first time a stop was seen
+    /// (the stop clock in [`Worker::run`] sees it the moment it is sent).
+    fn deadlines(&self) -> Deadlines {
+        let stop_at = *self.stop_seen_at.get_or_init(tokio::time::Instant::now);
+        Deadlines::new(
+            stop_at,
+            self.cfg.soft_shutdown_timeout,
+            self.cfg.shutdown_timeout,
+        )
+    }
+
+    /// Resolves when the hard shutdown deadline has passed.
+    async fn past_deadline(&self) {
+        self.stopped().await;
+        tokio::time::sleep_until(self.deadlines().hard).await;
     }
 }
 
@@ -315,6 +356,7 @@ impl Worker {
                 autoscaler: cfg
                     .autoscale
                     .map(|(max, min)| autoscale::Autoscaler::new(max, min)),
+                stop_seen_at: OnceLock::new(),
                 cfg,
             }),
             stop_tx,
@@ -327,10 +369,18 @@ impl Worker {
     }
 
     /// Runs until stopped; returns after everything held was put back or
-    /// finished.
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// finished, or when `--shutdown-timeout` has passed since the stop
+    /// (then the outcome names what stays in `unacked`).
+    pub async fn run(self) -> anyhow::Result<Stopped> {
         let ctx = self.ctx.clone();
         let cfg = &ctx.cfg;
+        // Starts the shutdown clock the moment a stop is sent, whatever
+        // step the worker is in then.
+        let clock = ctx.clone();
+        tokio::spawn(async move {
+            clock.stopped().await;
+            clock.deadlines();
+        });
         tracing::info!(
             node = %cfg.node_name,
             broker = %ctx.broker.link().url_for_logs(),
@@ -343,27 +393,26 @@ impl Worker {
         if let Err(why) = tasks::ingestion_status() {
             tracing::warn!(%why, "pdf_ingestion is not available in this worker (run scripts/setup-native); its messages will fail with NotRegistered");
         }
-        for link in [ctx.broker.link(), ctx.backend.link()] {
-            // Waits while Redis is away; a TLS failure ends start-up here,
-            // with what to change, instead of retrying for ever.
-            link.ready().await?;
-            for ignored in &link.settings().ignored {
-                tracing::warn!(role = link.role(), option = %ignored, "Redis option not used by tori-worker");
-            }
-        }
-        ctx.broker.declare_queues(&cfg.queues).await?;
-        match ctx.broker.restore_visible().await {
-            Ok(n) if n > 0 => {
-                tracing::warn!(restored = n, "restored messages abandoned by dead workers")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "startup restore sweep failed; will retry"),
+        // Every start-up step may wait on Redis for ever (retried with
+        // backoff), so a stop must cut it short. Nothing has been fetched
+        // yet, so nothing needs putting back; each Redis write here is one
+        // atomic command or script, done or not. (A restore sweep cut
+        // short leaves its `unacked_mutex` to expire, up to 5 minutes.)
+        let started = tokio::select! {
+            biased;
+            _ = ctx.stopped() => false,
+            r = start_up(&ctx) => { r?; true }
+        };
+        if !started {
+            tracing::warn!(
+                "stop requested during start-up: nothing was fetched, nothing to put back; exiting"
+            );
+            ctx.pool.abort();
+            ctx.save_state();
+            return Ok(Stopped::new(&ctx, StopOutcome::Clean));
         }
 
         let background = TaskTracker::new();
-        ctx.events
-            .send("worker-online", ctx.heartbeat_fields())
-            .await;
         spawn_supervised(&background, &ctx, "heartbeat", heartbeat);
         spawn_supervised(&background, &ctx, "event flusher", |ctx| async move {
             let stop = ctx.clone();
@@ -385,24 +434,102 @@ impl Worker {
 
         let handlers = TaskTracker::new();
         tracing::info!(node = %cfg.node_name, "worker ready");
-        consume(&ctx, &handlers).await;
+        // The consumer notices a stop within a second (its BRPOP's wait),
+        // unless Redis stopped answering mid-fetch: then the deadline ends
+        // it (a message popped but not yet recorded is then kombu's one
+        // window, see README "Delivery guarantees").
+        tokio::select! {
+            _ = consume(&ctx, &handlers) => {}
+            _ = ctx.past_deadline() => {
+                tracing::error!("shutdown deadline passed while the consumer waited on Redis");
+            }
+        }
         handlers.close();
 
         let mode = *ctx.stop.borrow();
-        shutdown(&ctx, &handlers, mode).await;
+        let deadlines = ctx.deadlines();
+        let left = shutdown(&ctx, &handlers, mode, deadlines).await;
         ctx.save_state();
-        ctx.events
-            .send("worker-offline", ctx.heartbeat_fields())
-            .await;
+        if tokio::time::timeout_at(
+            deadlines.hard,
+            ctx.events.send("worker-offline", ctx.heartbeat_fields()),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!("worker-offline event not sent before the shutdown deadline");
+        }
         // Background loops watch the same stop signal.
-        let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+        let background_end = deadlines
+            .hard
+            .min(tokio::time::Instant::now() + Duration::from_secs(5));
+        let _ = tokio::time::timeout_at(background_end, background.wait()).await;
         drop(self.stop_tx);
-        tracing::info!(
-            processed = ctx.processed.load(Ordering::Relaxed),
-            "worker stopped"
-        );
-        Ok(())
+        let outcome = StopOutcome::from_left(left);
+        match &outcome {
+            StopOutcome::Clean => tracing::info!(
+                processed = ctx.processed.load(Ordering::Relaxed),
+                "worker stopped"
+            ),
+            StopOutcome::LeftForVisibilityRestore(left) => {
+                for l in left {
+                    tracing::error!(delivery_tag = %l.delivery_tag, task_id = %l.task_id, "message left in 'unacked': the visibility restore puts it back");
+                }
+                tracing::error!(
+                    left = left.len(),
+                    processed = ctx.processed.load(Ordering::Relaxed),
+                    shutdown_timeout = ctx.cfg.shutdown_timeout.as_secs_f64(),
+                    visibility_timeout = ctx.cfg.visibility_timeout.as_secs_f64(),
+                    "worker stopped at the shutdown deadline with messages not put back; they stay in 'unacked' until the visibility restore (exit code 3)"
+                );
+            }
+        }
+        Ok(Stopped::new(&ctx, outcome))
     }
+}
+
+/// How [`Worker::run`] ended.
+#[derive(Debug)]
+pub struct Stopped {
+    pub outcome: StopOutcome,
+    /// What is left of `--shutdown-timeout`: the most the process may
+    /// still spend on leaving (threads abandoned at a hard time limit).
+    pub time_left: Duration,
+}
+
+impl Stopped {
+    fn new(ctx: &Ctx, outcome: StopOutcome) -> Self {
+        let time_left = ctx
+            .deadlines()
+            .hard
+            .saturating_duration_since(tokio::time::Instant::now());
+        Self { outcome, time_left }
+    }
+}
+
+/// Declares the queues, runs the start-up restore sweep and says the
+/// worker is online: everything before the first fetch that talks to Redis.
+async fn start_up(ctx: &Ctx) -> anyhow::Result<()> {
+    for link in [ctx.broker.link(), ctx.backend.link()] {
+        // Waits while Redis is away; a TLS failure ends start-up here,
+        // with what to change, instead of retrying for ever.
+        link.ready().await?;
+        for ignored in &link.settings().ignored {
+            tracing::warn!(role = link.role(), option = %ignored, "Redis option not used by tori-worker");
+        }
+    }
+    ctx.broker.declare_queues(&ctx.cfg.queues).await?;
+    match ctx.broker.restore_visible().await {
+        Ok(n) if n > 0 => {
+            tracing::warn!(restored = n, "restored messages abandoned by dead workers")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "startup restore sweep failed; will retry"),
+    }
+    ctx.events
+        .send("worker-online", ctx.heartbeat_fields())
+        .await;
+    Ok(())
 }
 
 /// Spawns a background loop under `supervise`, restarted a second after a
@@ -584,49 +711,87 @@ pub(crate) fn preview(raw: &str) -> String {
     s
 }
 
-async fn shutdown(ctx: &Arc<Ctx>, handlers: &TaskTracker, mode: Stop) {
+/// Puts unstarted messages back, waits for running tasks (warm), then
+/// kills the pool and puts running late-ack messages back; every step ends
+/// by its deadline. Returns the messages that stay in `unacked`.
+async fn shutdown(
+    ctx: &Arc<Ctx>,
+    handlers: &TaskTracker,
+    mode: Stop,
+    deadlines: Deadlines,
+) -> Vec<Left> {
+    let mut left = Vec::new();
     let unstarted = ctx.inflight.take_unstarted();
     let mut restored = 0;
     for tag in &unstarted {
-        match ctx.broker.restore(tag, false).await {
-            Ok(true) => restored += 1,
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(delivery_tag = %tag, error = %e, "could not restore at shutdown; the visibility timeout will")
-            }
+        // Named now: its handler stands down and may drop the entry.
+        let held = ctx.left(tag);
+        match put_back(ctx, tag, deadlines.hard).await {
+            PutBack::Done => restored += 1,
+            PutBack::Left => left.push(held),
         }
     }
     tracing::info!(
         restored,
+        left = left.len(),
         ?mode,
         "shutdown: unstarted messages put back on their queues"
     );
 
-    let wait = match mode {
-        Stop::Cold => Duration::ZERO,
-        _ => ctx.cfg.soft_shutdown_timeout,
-    };
-    if tokio::time::timeout(wait, handlers.wait()).await.is_ok() {
-        return;
+    let finished = mode != Stop::Cold
+        && tokio::select! {
+            _ = handlers.wait() => true,
+            _ = tokio::time::sleep_until(deadlines.warm_end) => false,
+            // A second signal during the warm wait: cold from here.
+            _ = ctx.stopped_cold() => false,
+        };
+    if finished {
+        return left;
     }
     // Cold, or the warm wait ran out: take the running late-ack messages
     // back, stop their processes first (so a task is never running here
     // while another worker already runs it again), then restore them.
     let interrupted = ctx.inflight.take_running_unacked();
     ctx.pool.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), handlers.wait()).await;
+    let reaped = deadlines
+        .hard
+        .min(tokio::time::Instant::now() + Duration::from_secs(5));
+    let _ = tokio::time::timeout_at(reaped, handlers.wait()).await;
     for (tag, entry) in interrupted {
-        match ctx.broker.restore(&tag, false).await {
-            Ok(_) => {
+        match put_back(ctx, &tag, deadlines.hard).await {
+            PutBack::Done => {
                 tracing::warn!(task_id = %entry.task_id, task_name = %entry.task_name, "running task interrupted by shutdown; message restored, it will run again")
             }
-            Err(e) => {
-                tracing::error!(task_id = %entry.task_id, error = %e, "could not restore a running task; the visibility timeout will")
-            }
+            PutBack::Left => left.push(Left {
+                delivery_tag: tag,
+                task_id: entry.task_id,
+            }),
         }
     }
     for entry in ctx.inflight.running_acked() {
         tracing::error!(task_id = %entry.task_id, task_name = %entry.task_name, "running task was acknowledged early and is interrupted by shutdown (use acks_late to have it re-run)");
+    }
+    left
+}
+
+enum PutBack {
+    /// Back on its queue, or no longer in `unacked` (settled meanwhile).
+    Done,
+    /// Still in `unacked`: Redis refused or did not answer by `end`.
+    Left,
+}
+
+/// Puts one held message back on its queue, giving up at `end` (Redis
+/// away): the restore is one script, so the message is then either back
+/// or still in `unacked`, never lost.
+async fn put_back(ctx: &Ctx, tag: &str, end: tokio::time::Instant) -> PutBack {
+    match tokio::time::timeout_at(end, ctx.broker.restore(tag, false)).await {
+        Ok(Ok(_)) => PutBack::Done,
+        Ok(Err(e)) => {
+            tracing::error!(delivery_tag = %tag, error = %e, "could not restore at shutdown; the visibility restore will");
+            PutBack::Left
+        }
+        Err(_) => PutBack::Left,
     }
 }
 

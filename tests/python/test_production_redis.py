@@ -285,6 +285,11 @@ def test_sentinel_failover_is_followed(procs, tmp_path):
                                   broker_transport_options=options,
                                   result_backend_transport_options=options).control.inspect(
             destination=["sentinel@tests"], timeout=5)
+        # Remote control follows too (its subscription reconnects with
+        # backoff, so give it a few seconds).
+        wait_for(lambda: inspect.ping(), 20, interval=0.5,
+                 message="remote control never came back after the failover")
+        print(f"remote control answering {time.monotonic() - killed_at:.1f}s after the kill")
         for reply in (inspect.conf(), inspect.stats(), inspect.report()):
             assert reply, "no inspect reply"
             outputs.append(json.dumps(reply))
