@@ -94,7 +94,9 @@ def _tls_redis(procs, tmp: Path, pki: Path, auth_clients: str) -> int:
     port = free_port()
     data = tmp / f"redis-tls-{port}"
     data.mkdir()
-    p = Proc([REDIS_SERVER_BIN, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+    # 127.0.0.2 too: a loopback address the server certificate does not name.
+    p = Proc([REDIS_SERVER_BIN, "--port", "0", "--tls-port", str(port),
+              "--bind", "127.0.0.1", "127.0.0.2",
               "--tls-cert-file", str(pki / "server.pem"), "--tls-key-file", str(pki / "server.key"),
               "--tls-ca-cert-file", str(pki / "ca.pem"), "--tls-auth-clients", auth_clients,
               "--save", "", "--appendonly", "no", "--dir", str(data),
@@ -113,10 +115,10 @@ def _tls_redis(procs, tmp: Path, pki: Path, auth_clients: str) -> int:
     return port
 
 
-def _start_worker(tmp: Path, name: str, *args: str) -> WorkerProcess:
+def _start_worker(tmp: Path, name: str, *args: str, env: dict | None = None) -> WorkerProcess:
     log = tmp / f"{name}.log"
     return WorkerProcess([tori_bin(), "--hostname", f"{name}@tests", "--concurrency", "2",
-                          *args], log, name, env=clean_env())
+                          *args], log, name, env=clean_env(env))
 
 
 def _client_app(broker: str, **conf):
@@ -158,6 +160,24 @@ def test_tls_with_a_private_ca_round_trips(pki, procs, tmp_path):
         assert "TLS with Redis failed" not in worker.log_text()
     finally:
         assert worker.terminate() == 0, worker.describe()
+
+    # The same server through other settings a Celery user has: the CA in
+    # SSL_CERT_FILE; an address the certificate does not name, refused
+    # unless ssl_check_hostname=false; ssl_cert_reqs=none.
+    other_name = f"rediss://127.0.0.2:{port}/0?ssl_ca_certs={ca}"
+    for name, worker_url, env in [
+        ("cert-file", f"rediss://127.0.0.1:{port}/0", {"SSL_CERT_FILE": str(ca)}),
+        ("no-hostname-check", other_name + "&ssl_check_hostname=false", None),
+        ("cert-none", f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none", None),
+    ]:
+        worker = _start_worker(tmp_path, name, "--broker", worker_url, env=env)
+        try:
+            wait_worker_ready(worker, app, timeout=30, require_own_log=True)
+        finally:
+            assert worker.terminate() == 0, worker.describe()
+    w = _start_worker(tmp_path, "wrong-name", "--broker", other_name)
+    assert w.proc.wait(15) == EX_CONFIG, w.describe()
+    assert "ssl_check_hostname" in w.log_text(), w.describe()
 
 
 def test_tls_client_certificates_and_wrong_ca_fail_fast(pki, procs, tmp_path):

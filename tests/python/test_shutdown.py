@@ -25,7 +25,7 @@ def test_sigterm_during_startup_without_redis_exits_at_once(worker_factory):
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     w = worker_factory(url, "--concurrency", "2", ready=False)
     kids = wait_children(w, 2, timeout=20)
-    wait_for(lambda: "Redis unavailable; retrying" in w.log_text(), 20,
+    wait_for(lambda: "Redis unavailable" in w.log_text(), 20,
              message=lambda: f"the worker never said it was retrying\n{w.describe()}")
     assert w.alive(), f"the worker gave up by itself\n{w.describe()}"
 
