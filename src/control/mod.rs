@@ -108,6 +108,21 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     go(&p, &t)
 }
 
+/// How often the pidbox subscription is checked with PING. A subscription
+/// only ever reads, so when its Redis goes away without a FIN or RST (the
+/// host rebooted or was replaced behind a partition) nothing else would
+/// notice: the worker would stay deaf to `celery inspect`/`control`
+/// forever while its other links reconnect. kombu's redis transport does
+/// the same with `health_check_interval` (25 s).
+const SUBSCRIPTION_PING_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long connecting + subscribing, or a PING, may take before the
+/// connection is called dead; the other links' response timeout.
+const SUBSCRIPTION_REPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn timed_out(what: &'static str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "timed out", what.to_owned()))
+}
+
 /// Subscribes to the pidbox and serves requests until the worker stops.
 pub(crate) async fn mailbox(ctx: Arc<Ctx>) {
     let node = ctx.cfg.node_name.clone();
@@ -118,42 +133,63 @@ pub(crate) async fn mailbox(ctx: Arc<Ctx>) {
     // binding table see us.
     let binding = keys::binding_member("", "", &format!("{node}.{PIDBOX_EXCHANGE}"));
     let binding_key = keys::binding_key(&prefix, PIDBOX_EXCHANGE);
-    let _ = link
-        .run(|mut c| {
-            let (k, m) = (binding_key.clone(), binding.clone());
-            async move {
-                redis::cmd("SADD")
-                    .arg(k)
-                    .arg(m)
-                    .query_async::<i64>(&mut c)
-                    .await
-            }
-        })
-        .await;
     let mut backoff = Backoff::default();
     loop {
         if ctx.stopping() {
             break;
         }
-        let mut pubsub = match link.pubsub().await {
+        // Bounded: the client connects without the links' timeouts, and
+        // across a partition a SYN is retried by the kernel for ~2 min.
+        let subscribed = tokio::time::timeout(SUBSCRIPTION_REPLY_WITHIN, async {
+            let mut pubsub = link.pubsub().await?;
+            pubsub.psubscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await
+        .unwrap_or_else(|_| Err(timed_out("subscribing")));
+        let pubsub = match subscribed {
             Ok(p) => p,
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, "remote control: cannot connect; retrying");
+                tracing::warn!(error = %e, "remote control: cannot subscribe; retrying");
                 tokio::select! { _ = tokio::time::sleep(delay) => continue, _ = ctx.stopped() => break }
             }
         };
-        if let Err(e) = pubsub.psubscribe(&channel).await {
-            tracing::warn!(error = %e, "remote control: cannot subscribe; retrying");
-            tokio::time::sleep(backoff.next_delay()).await;
-            continue;
-        }
         backoff.reset();
+        // Bound again on every (re)subscription: a Redis restarted empty
+        // has lost the binding made before.
+        let _ = link
+            .run(|mut c| {
+                let (k, m) = (binding_key.clone(), binding.clone());
+                async move {
+                    redis::cmd("SADD")
+                        .arg(k)
+                        .arg(m)
+                        .query_async::<i64>(&mut c)
+                        .await
+                }
+            })
+            .await;
         tracing::info!(%channel, "remote control listening");
-        let mut stream = pubsub.on_message();
+        let (mut sink, mut stream) = pubsub.split();
+        let mut health = tokio::time::interval_at(
+            tokio::time::Instant::now() + SUBSCRIPTION_PING_EVERY,
+            SUBSCRIPTION_PING_EVERY,
+        );
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let msg = tokio::select! {
                 m = stream.next() => m,
+                _ = health.tick() => {
+                    // Requests arriving meanwhile wait in the client's
+                    // buffer; a live Redis answers in well under a second.
+                    match tokio::time::timeout(SUBSCRIPTION_REPLY_WITHIN, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => tracing::warn!(error = %e, "remote control: PING on the subscription failed"),
+                        Err(_) => tracing::warn!("remote control: no reply to PING on the subscription"),
+                    }
+                    None
+                }
                 _ = ctx.stopped() => None,
             };
             let Some(msg) = msg else { break };
