@@ -1,6 +1,8 @@
 # tori-shim (FastAPI) image; also runs Flower (same Celery version).
 # Build from the repository root:
 #   docker build -f docker/shim.Dockerfile -t tori-shim .
+# Run with TORI_SHIM_API_KEYS=owner:key (or TORI_SHIM_API_KEYS_FILE): the
+# shim exits 78 without keys, and --no-auth refuses the 0.0.0.0 bind below.
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

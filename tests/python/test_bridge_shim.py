@@ -56,6 +56,20 @@ CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 PRIORITY_SEP = "\x06\x16"
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 MAX_UPLOAD = 2_000_000
+# Two owners of the shim's API (issue #27): keys as an operator would write
+# them in TORI_SHIM_API_KEYS.
+ALICE_KEY = "alice-" + "k3y" * 8
+BOB_KEY = "bob-" + "s3cret" * 4
+API_KEYS_ENV = f"alice:{ALICE_KEY}, bob:{BOB_KEY}"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def api_keys():
+    from tori_shim.auth import keys_from_env
+    return keys_from_env({"TORI_SHIM_API_KEYS": API_KEYS_ENV})
 
 
 def corpus_dir() -> Path:
@@ -138,8 +152,8 @@ def start_shim(tmp: Path, name: str, env: dict[str, str], module: str = "tori_sh
     def up() -> bool:
         if not proc.alive():
             raise AssertionError(f"{name} exited: {proc.describe()}")
-        try:
-            return httpx.get(base + "/openapi.json", timeout=2).status_code == 200
+        try:  # 401: the shim is up and wants a key
+            return httpx.get(base + "/openapi.json", timeout=2).status_code in (200, 401)
         except httpx.HTTPError:
             return False
 
@@ -156,7 +170,7 @@ def stack(tmp_path_factory):
     redis_srv.start()
     url = redis_srv.url()
     worker = shim = None
-    http = httpx.Client(timeout=30)
+    http = httpx.Client(timeout=30, headers=auth(ALICE_KEY))
     try:
         binary = tori_bin()
         if not os.access(binary, os.X_OK):
@@ -176,6 +190,7 @@ def stack(tmp_path_factory):
             "TORI_SHIM_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
             "TORI_SHIM_MAX_QUEUE": "100",
             "TORI_SHIM_SSE_POLL": "0.05",
+            "TORI_SHIM_API_KEYS": API_KEYS_ENV,
             "PYTHONUNBUFFERED": "1",
         })
         st = Stack(tmp=tmp, redis=redis_srv, worker=worker, shim=shim, storage=storage,
@@ -320,6 +335,28 @@ def test_docker_files_validate():
     assert w["environment"]["TORI_STORAGE_URL"].startswith("s3://tori/")
     assert "volumes" not in w
     assert w["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    # safe by default (issue #27): only web is published, on loopback unless
+    # TORI_WEB_BIND says otherwise; secrets come from the environment with
+    # no default in the file, so compose refuses to start without them
+    published = {name for name, svc in services.items() if svc.get("ports")}
+    assert published == {"web"}, f"published ports: {published}"
+    [web_port] = services["web"]["ports"]
+    assert _interpolate(web_port, {}) == "127.0.0.1:8000:8000"
+    assert _interpolate(web_port, {"TORI_WEB_BIND": "0.0.0.0"}) == "0.0.0.0:8000:8000"
+    text = compose.read_text()
+    secrets = ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD",
+               "TORI_SHIM_API_KEYS")
+    for var in secrets:
+        # ($${VAR} is the container's own variable, not compose's)
+        uses = re.findall(r"(?<!\$)\$\{" + var + r"([:?-][^}]*)?\}", text)
+        assert uses and all(u.startswith(":?") for u in uses), f"{var}: {uses}"
+    for svc, var in (("web", "TORI_SHIM_API_KEYS"), ("minio", "MINIO_ROOT_PASSWORD"),
+                     ("worker", "AWS_SECRET_ACCESS_KEY")):
+        env_value = services[svc]["environment"][var]
+        with pytest.raises(KeyError, match="set "):
+            _interpolate(env_value, {})
+    flower_auth = services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert _interpolate(flower_auth, {"FLOWER_USER": "u", "FLOWER_PASSWORD": "p"}) == "u:p"
     # COPY sources of each Dockerfile exist (the build context is the repo root)
     dockerfiles = sorted((REPO / "docker").glob("*.Dockerfile"))
     assert {p.name for p in dockerfiles} == {"worker.Dockerfile", "shim.Dockerfile"}
@@ -357,12 +394,29 @@ def test_docker_files_validate():
             continue
         if subprocess.run(cmd + ["version"], capture_output=True).returncode != 0:
             continue
+        env = clean_env({v: "x" * 20 for v in secrets})
         r = subprocess.run(cmd + ["-f", str(compose), "config", "-q"], capture_output=True,
-                           text=True, timeout=60)
+                           text=True, timeout=60, env=env)
         assert r.returncode == 0, f"{' '.join(cmd)} config:\n{r.stdout}{r.stderr}"
+        r = subprocess.run(cmd + ["-f", str(compose), "config", "-q"], capture_output=True,
+                           text=True, timeout=60, env=clean_env())
+        assert r.returncode != 0, "compose accepted the file without its secrets"
         break
     else:
         print("no docker compose / docker-compose binary: compose checked structurally only")
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} (KeyError)."""
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
+        got = env.get(name) or ""
+        if got:
+            return got
+        if op == ":?":
+            raise KeyError(arg)
+        return arg if op == ":-" else ""
+    return re.sub(r"\$\{(\w+)(:[-?])?([^}]*)\}", one, value)
 
 
 # --------------------------------------------------------------------------
@@ -372,15 +426,17 @@ def test_docker_files_validate():
 class SSEReader(threading.Thread):
     """Collects (event, data) pairs of one job's /events stream."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, key: str = ALICE_KEY):
         super().__init__(daemon=True)
         self.url = url
+        self.key = key
         self.events: list[tuple[str, Any]] = []
         self.error: Optional[BaseException] = None
 
     def run(self) -> None:
         try:
-            with httpx.stream("GET", self.url, timeout=httpx.Timeout(120, connect=10)) as r:
+            with httpx.stream("GET", self.url, timeout=httpx.Timeout(120, connect=10),
+                              headers=auth(self.key)) as r:
                 assert r.status_code == 200, r.read()
                 assert r.headers["content-type"].startswith("text/event-stream")
                 event, data = "message", []
@@ -406,9 +462,10 @@ class Batch:
     elapsed: float
 
 
-def post_pdf(stack: Stack, path: Path, filename: Optional[str] = None) -> httpx.Response:
+def post_pdf(stack: Stack, path: Path, filename: Optional[str] = None,
+             key: str = ALICE_KEY) -> httpx.Response:
     with open(path, "rb") as f:
-        return stack.http.post(stack.base + "/jobs",
+        return stack.http.post(stack.base + "/jobs", headers=auth(key),
                                files={"file": (filename or path.name, f, "application/pdf")})
 
 
@@ -592,12 +649,13 @@ def test_backpressure_and_exact_enqueue_count(attach_logs, tmp_path):
     queue = "bp_only"
     settings = Settings(broker_url=url, result_backend=url,
                         database_url=f"sqlite:///{tmp_path / 'bp.db'}",
-                        max_upload_bytes=MAX_UPLOAD, max_queue=5, retry_after=7, queue=queue)
+                        max_upload_bytes=MAX_UPLOAD, max_queue=5, retry_after=7, queue=queue,
+                        api_keys=api_keys())
     store = tmp_path / "bp-storage"
     app = create_app(settings, LocalStorage(store))
     pdf = pdf_path(pick_pdfs()[0][0]).read_bytes()
     c = stack.r()
-    with TestClient(app) as client:
+    with TestClient(app, headers=auth(ALICE_KEY)) as client:
         post = lambda **kw: client.post("/jobs", **kw)  # noqa: E731
         _check_bad_uploads(post, "in-process:")
         assert stack.queue_len(queue) == 0 and not list(store.rglob("*.pdf"))
@@ -619,6 +677,264 @@ def test_backpressure_and_exact_enqueue_count(attach_logs, tmp_path):
         assert args == [r.json()["file_ref"]]
         assert msg["content-type"] == "application/json"
     c.delete(queue)
+
+
+# --------------------------------------------------------------------------
+# authentication and owners (issue #27)
+# --------------------------------------------------------------------------
+
+def test_every_route_but_healthz_needs_a_key(attach_logs, batch):
+    stack = attach_logs
+    files_before, keys_before = stack.uploaded_files(), stack.meta_keys()
+    jid = next(iter(batch.jobs))
+    pdf = pdf_path(batch.jobs[jid]["row"]).read_bytes()
+    routes = [("GET", "/jobs", {}), ("GET", f"/jobs/{jid}", {}), ("GET", f"/jobs/{jid}/events", {}),
+              ("GET", "/jobs/no-such-job", {}), ("GET", "/docs", {}), ("GET", "/openapi.json", {}),
+              ("POST", "/jobs", {"files": {"file": ("x.pdf", pdf, "application/pdf")}})]
+    anonymous = httpx.Client(timeout=30)
+    try:
+        for headers, invalid in (({}, False), (auth("not-a-key-of-anyone-at-all"), True),
+                                 (auth(ALICE_KEY[:-1]), True),
+                                 ({"Authorization": "Basic " + base64.b64encode(
+                                     f"alice:{ALICE_KEY}".encode()).decode()}, False),
+                                 ({"Authorization": ALICE_KEY}, False)):
+            for method, path, kw in routes:
+                r = anonymous.request(method, stack.base + path, headers=headers, **kw)
+                what = f"{method} {path} with {list(headers.values())}"
+                assert r.status_code == 401, f"{what}: {r.status_code} {r.text[:200]}"
+                assert r.json()["error"] == "unauthorized", what
+                challenge = r.headers["www-authenticate"]
+                assert challenge.startswith("Bearer "), what
+                assert ('error="invalid_token"' in challenge) == invalid, (what, challenge)
+        # the page itself and the health check need none; the check tells a
+        # stranger up or down, not where storage is or how full the queue
+        h = anonymous.get(stack.base + "/healthz")
+        assert h.status_code == 200
+        assert h.json() == {"status": "ok", "redis": "ok", "database": "ok"}
+        assert set(stack.http.get(stack.base + "/healthz").json()) >= {"storage", "queue_depth"}
+        page = anonymous.get(stack.base + "/")
+        assert page.status_code == 200 and "sessionStorage" in page.text
+    finally:
+        anonymous.close()
+    # a refused upload stored and sent nothing
+    assert stack.uploaded_files() == files_before and stack.meta_keys() == keys_before
+    assert stack.queue_len() == 0
+    # with the key: the API description names the scheme on every job route
+    doc = stack.http.get(stack.base + "/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            if path == "/healthz":
+                assert "security" not in op
+            else:
+                assert op["security"] == [{"ApiKey": []}], path
+                assert "401" in op["responses"], path
+    assert stack.http.get(stack.base + "/docs").status_code == 200
+    # keys are never logged
+    log = stack.shim.log_text()
+    assert ALICE_KEY not in log and BOB_KEY not in log
+
+
+def _wait_done(client, job_id: str, key: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (lambda j: j if j["task_status"] in TERMINAL else None)(
+            client.get(f"/jobs/{job_id}", headers=auth(key)).json()),
+        timeout=90, interval=0.2, message=f"job {job_id} never finished")
+
+
+def _check_owners(client, pdf: bytes, name: str) -> dict[str, str]:
+    """Alice and Bob upload the same bytes: two jobs, each invisible to the
+    other; dedup is per owner. ``client`` is an httpx.Client with base_url or
+    a TestClient. Returns each owner's job id."""
+    files = {"file": (name, pdf, "application/pdf")}
+    r = client.post("/jobs", files=files, headers=auth(ALICE_KEY))
+    assert r.status_code == 202 and r.json()["duplicate"] is False, r.text
+    alice_job = r.json()["job_id"]
+    assert _wait_done(client, alice_job, ALICE_KEY)["task_status"] == "SUCCESS"
+    # Bob: Alice's job is "not found", exactly like a missing one
+    missing = client.get("/jobs/no-such-job", headers=auth(BOB_KEY))
+    for path in (f"/jobs/{alice_job}", f"/jobs/{alice_job}/events"):
+        r = client.get(path, headers=auth(BOB_KEY))
+        assert r.status_code == 404, f"{path}: {r.status_code} {r.text[:200]}"
+        assert r.json() == {"error": "not_found",
+                            "detail": missing.json()["detail"].replace("no-such-job", alice_job)}
+    assert alice_job not in {j["job_id"] for j in
+                             client.get("/jobs", headers=auth(BOB_KEY)).json()["jobs"]}
+    # Bob's upload of the same bytes is his own new job (not Alice's, not
+    # her file name), answered from the worker's content-addressed artifacts
+    r = client.post("/jobs", files={"file": ("bobs.pdf", pdf, "application/pdf")},
+                    headers=auth(BOB_KEY))
+    assert r.status_code == 202, r.text
+    bob = r.json()
+    assert bob["duplicate"] is False and bob["job_id"] != alice_job
+    assert bob["filename"] == "bobs.pdf"
+    done = _wait_done(client, bob["job_id"], BOB_KEY)
+    assert done["task_status"] == "SUCCESS", done
+    assert IngestResult.model_validate(done["task_result"]).reused is True
+    # and each owner's re-upload is a duplicate of their own job
+    for key, own in ((ALICE_KEY, alice_job), (BOB_KEY, bob["job_id"])):
+        r = client.post("/jobs", files=files, headers=auth(key))
+        assert r.status_code == 200 and r.json()["duplicate"] is True, r.text
+        assert r.json()["job_id"] == own
+    bobs = [j["job_id"] for j in client.get("/jobs", headers=auth(BOB_KEY)).json()["jobs"]]
+    assert bob["job_id"] in bobs and alice_job not in bobs
+    alices = [j["job_id"] for j in client.get("/jobs", headers=auth(ALICE_KEY)).json()["jobs"]]
+    assert alice_job in alices and bob["job_id"] not in alices
+    assert client.get(f"/jobs/{bob['job_id']}", headers=auth(ALICE_KEY)).status_code == 404
+    return {"alice": alice_job, "bob": bob["job_id"]}
+
+
+def test_jobs_belong_to_their_owner(attach_logs, batch):
+    stack = attach_logs
+    used = {j["row"]["file"] for j in batch.jobs.values()}
+    row = next(r for r in sorted(manifest(), key=lambda r: r["sha256"])
+               if r["category"] == "born-digital" and r["pages"] in ("1", "2")
+               and r["pdfinfo_rc"] == "0" and 5_000 <= int(r["bytes"]) < 20_000
+               and r["file"] not in used)
+    with httpx.Client(base_url=stack.base, timeout=30) as client:
+        _check_owners(client, pdf_path(row).read_bytes(), "owned.pdf")
+
+
+OLD_TABLE = """CREATE TABLE tori_jobs (
+    job_id VARCHAR(64) NOT NULL, task_id VARCHAR(64) NOT NULL, filename VARCHAR(255) NOT NULL,
+    sha256 VARCHAR(64) NOT NULL, file_ref VARCHAR(2048) NOT NULL, size BIGINT NOT NULL,
+    submitted_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, status VARCHAR(16) NOT NULL,
+    error TEXT, result JSON, PRIMARY KEY (job_id))"""
+
+
+@pytest.mark.parametrize("dbkind", ["sqlite", "postgresql"])
+def test_jobs_table_from_before_owners_is_migrated(tmp_path, dbkind):
+    """A jobs table written by a shim from before owners (the DDL it created)
+    gains the owner column; its rows belong to `anonymous`; dedup becomes
+    per owner."""
+    import uuid
+
+    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy.exc import IntegrityError
+    from tori_shim.db import make_engine
+
+    db = None
+    if dbkind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.db'}"
+    else:
+        import psycopg
+        db = f"tori_shim_mig_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{db}"')
+        url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) \
+            + f"/{db}"
+    old = create_engine(url)
+    engine = None
+    try:
+        with old.begin() as c:
+            c.execute(text(OLD_TABLE))
+            c.execute(text("CREATE UNIQUE INDEX ix_tori_jobs_sha256 ON tori_jobs (sha256)"))
+            c.execute(text("CREATE INDEX ix_tori_jobs_task_id ON tori_jobs (task_id)"))
+            c.execute(text("CREATE INDEX ix_tori_jobs_submitted_at ON tori_jobs (submitted_at)"))
+            c.execute(text("INSERT INTO tori_jobs VALUES ('j1', 'j1', 'a.pdf', 'abc', 'uploads/a', "
+                           "1, CURRENT_TIMESTAMP, NULL, 'SUCCESS', NULL, NULL)"))
+        old.dispose()
+        engine = make_engine(url)
+        make_engine(url).dispose()  # a second start finds it done
+        insp = inspect(engine)
+        assert "owner" in {c["name"] for c in insp.get_columns("tori_jobs")}
+        indexes = {i["name"]: i for i in insp.get_indexes("tori_jobs")}
+        assert "ix_tori_jobs_sha256" not in indexes
+        assert indexes["ux_tori_jobs_owner_sha256"]["column_names"] == ["owner", "sha256"]
+        assert indexes["ux_tori_jobs_owner_sha256"]["unique"]
+        insert = ("INSERT INTO tori_jobs (job_id, task_id, owner, filename, sha256, file_ref, size, "
+                  "submitted_at, status) VALUES (:id, :id, :owner, 'a.pdf', 'abc', 'uploads/a', 1, "
+                  "CURRENT_TIMESTAMP, 'PENDING')")
+        with engine.begin() as c:
+            assert c.execute(text("SELECT owner FROM tori_jobs")).scalar_one() == "anonymous"
+            c.execute(text(insert), {"id": "j2", "owner": "bob"})  # same bytes, other owner
+        with pytest.raises(IntegrityError):
+            with engine.begin() as c:
+                c.execute(text(insert), {"id": "j3", "owner": "bob"})
+    finally:
+        if engine is not None:
+            engine.dispose()
+        if db is not None:
+            import psycopg
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def _run_shim(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    base_env = {"TORI_STORAGE_ROOT": str(tmp_path), "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+                "TORI_SHIM_DATABASE_URL": f"sqlite:///{tmp_path / 'refuse.db'}"}
+    return subprocess.run([sys.executable, "-m", *args], env=clean_env({**base_env, **env}),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_shim_refuses_to_start_without_keys(tmp_path):
+    port = str(free_port())
+    cases = [
+        ("no keys", ["tori_shim", "--port", port], {}, "no API keys configured"),
+        ("no keys, uvicorn", ["uvicorn", "tori_shim.asgi:app", "--port", port], {},
+         "no API keys configured"),
+        ("empty file", ["tori_shim", "--port", port],
+         {"TORI_SHIM_API_KEYS_FILE": str(tmp_path / "empty.keys")}, "no API keys configured"),
+        ("short key", ["tori_shim", "--port", port], {"TORI_SHIM_API_KEYS": "carol:tooshort"},
+         "shorter than 16"),
+        ("bare key", ["tori_shim", "--port", port], {"TORI_SHIM_API_KEYS": "x" * 20},
+         "is not owner:key"),
+        ("shared key", ["tori_shim", "--port", port],
+         {"TORI_SHIM_API_KEYS": f"alice:{ALICE_KEY},bob:{ALICE_KEY}"}, "share a key"),
+        ("missing file", ["tori_shim", "--port", port],
+         {"TORI_SHIM_API_KEYS_FILE": str(tmp_path / "nope.keys")}, "cannot read"),
+        ("no auth on all interfaces", ["tori_shim", "--no-auth", "--host", "0.0.0.0", "--port",
+                                       port], {}, "binds to loopback only"),
+        ("no auth by env on all interfaces", ["tori_shim", "--host", "::", "--port", port],
+         {"TORI_SHIM_NO_AUTH": "1"}, "binds to loopback only"),
+    ]
+    (tmp_path / "empty.keys").write_text("# no keys yet\n\n")
+    for label, args, env, message in cases:
+        r = _run_shim(tmp_path, args, env)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and message in out, f"{label}: rc {r.returncode}\n{out[-2000:]}"
+        if args[0] == "tori_shim":
+            assert r.returncode == 78, f"{label}: rc {r.returncode}"
+        assert "tooshort" not in out and "x" * 20 not in out and ALICE_KEY not in out, label
+
+
+def test_keys_file_and_no_auth_mode(tmp_path):
+    """Keys from TORI_SHIM_API_KEYS_FILE work; --no-auth serves on loopback
+    without a key and says so."""
+    keys = tmp_path / "shim.keys"
+    keys.write_text(f"# the shim's keys\nalice:{ALICE_KEY}\n\n  bob : {BOB_KEY}  \n")
+    env = {"TORI_STORAGE_ROOT": str(tmp_path), "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+           "TORI_SHIM_DATABASE_URL": f"sqlite:///{tmp_path / 'modes.db'}"}
+    for label, args, extra in (("keys file", [], {"TORI_SHIM_API_KEYS_FILE": str(keys)}),
+                               ("no auth", ["--no-auth"], {})):
+        port = free_port()
+        proc = WorkerProcess([sys.executable, "-m", "tori_shim", "--port", str(port), *args],
+                             tmp_path / f"{label}.log", label, env=clean_env({**env, **extra}))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            def up() -> bool:
+                if not proc.alive():
+                    raise AssertionError(f"{label} exited: {proc.describe()}")
+                try:
+                    return httpx.get(base + "/", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+            wait_for(up, timeout=60, interval=0.2, message=lambda: f"{label}: not up")
+            plain = httpx.get(base + "/jobs", timeout=10)
+            if args:
+                assert plain.status_code == 200 and plain.json() == {"jobs": []}
+                assert "NO authentication" in proc.log_text()
+                assert "listening on 127.0.0.1 only" in proc.log_text()
+            else:
+                assert plain.status_code == 401
+                for key in (ALICE_KEY, BOB_KEY):
+                    assert httpx.get(base + "/jobs", headers=auth(key), timeout=10).json() == \
+                        {"jobs": []}
+                log = proc.log_text()
+                assert ALICE_KEY not in log and BOB_KEY not in log
+                assert "2 API keys for owners alice, bob" in log  # who has keys is logged
+        finally:
+            proc.terminate(timeout=10)
 
 
 # --------------------------------------------------------------------------
@@ -683,8 +999,24 @@ def test_status_page_in_headless_chromium(attach_logs, batch, tmp_path):
         cdp = CDP(page["webSocketDebuggerUrl"])
         cdp.call("Page.enable")
         cdp.call("Page.navigate", url=stack.base + "/")
-        wait_for(lambda: cdp.eval("document.readyState === 'complete' && "
+        # The page asks for a key first (no data call without one); a wrong key
+        # is refused by the API and asked for again.
+        ask = ("document.readyState === 'complete' && !document.querySelector('#login').hidden "
+               "&& document.querySelector('#app').hidden")
+        wait_for(lambda: cdp.eval(ask), timeout=20)
+
+        def enter_key(key: str) -> None:
+            cdp.eval(f"document.querySelector('#api-key').value = {json.dumps(key)}; "
+                     "document.querySelector('#login').requestSubmit()")
+
+        enter_key("not-a-key-of-anyone-at-all")
+        wait_for(lambda: cdp.eval(ask + " && document.querySelector('#message').textContent"
+                                  ".includes('refused')"), timeout=20)
+        assert cdp.eval("sessionStorage.length") == 0
+        enter_key(ALICE_KEY)
+        wait_for(lambda: cdp.eval("!document.querySelector('#app').hidden && "
                                   "!!document.querySelector('#file')"), timeout=20)
+        assert cdp.eval("sessionStorage.getItem('tori-shim-api-key')") == ALICE_KEY
         # recent jobs (the batch) are listed from GET /jobs
         wait_for(lambda: cdp.eval("document.querySelectorAll('.job').length") >= 10, timeout=20)
         root = cdp.call("DOM.getDocument")["root"]["nodeId"]
@@ -710,6 +1042,11 @@ def test_status_page_in_headless_chromium(attach_logs, batch, tmp_path):
         listed = stack.http.get(stack.base + "/jobs").json()["jobs"]
         assert any(j["filename"] == "quarterly-report.pdf" and j["status"] == "SUCCESS"
                    for j in listed)
+        # the key is kept for the session: a reload goes straight to the jobs
+        cdp.call("Page.reload")
+        wait_for(lambda: cdp.eval("document.readyState === 'complete' && "
+                                  "document.querySelectorAll('.job').length >= 10"), timeout=20)
+        assert cdp.eval("document.querySelector('#login').hidden") is True
     finally:
         if cdp is not None:
             cdp.close()
@@ -834,24 +1171,20 @@ def test_jobs_table_on_postgresql(attach_logs, tmp_path):
         url = stack.redis.url()
         settings = Settings(broker_url=url, result_backend=url,
                             database_url=db_url.replace("postgresql://", "postgresql+psycopg://", 1),
-                            max_upload_bytes=MAX_UPLOAD, max_queue=100)
+                            max_upload_bytes=MAX_UPLOAD, max_queue=100, api_keys=api_keys())
         app = create_app(settings, LocalStorage(stack.storage))
         pdf = pdf_path(pick_pdfs()[0][0]).read_bytes()
+        sha = hashlib.sha256(pdf).hexdigest()
         with TestClient(app) as client:
-            r = client.post("/jobs", files={"file": ("pg.pdf", pdf, "application/pdf")})
-            assert r.status_code in (200, 202), r.text
-            job_id = r.json()["job_id"]
-            done = wait_for(
-                lambda: (lambda j: j if j["task_status"] in TERMINAL else None)(
-                    client.get(f"/jobs/{job_id}").json()),
-                timeout=90, interval=0.2, message="the PostgreSQL-backed job never finished")
-            assert done["task_status"] == "SUCCESS", done
-            listed = {j["job_id"]: j for j in client.get("/jobs").json()["jobs"]}
-            assert listed[job_id]["status"] == "SUCCESS"
-            assert listed[job_id]["sha256"] == hashlib.sha256(pdf).hexdigest()
+            ids = _check_owners(client, pdf, "pg.pdf")
+            listed = {j["job_id"]: j for j in
+                      client.get("/jobs", headers=auth(ALICE_KEY)).json()["jobs"]}
+            assert listed[ids["alice"]]["status"] == "SUCCESS"
+            assert listed[ids["alice"]]["sha256"] == sha
         with psycopg.connect(db_url) as conn:
-            rows = conn.execute("SELECT status, sha256 FROM tori_jobs").fetchall()
-        assert rows == [("SUCCESS", hashlib.sha256(pdf).hexdigest())]
+            rows = conn.execute("SELECT owner, status, sha256 FROM tori_jobs ORDER BY owner"
+                                ).fetchall()
+        assert rows == [("alice", "SUCCESS", sha), ("bob", "SUCCESS", sha)]
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
@@ -913,18 +1246,20 @@ def test_s3_storage_end_to_end(tmp_path, moto):
         shim, base = start_shim(tmp_path, "tori-shim", {
             **aws, "CELERY_BROKER_URL": url,
             "TORI_SHIM_DATABASE_URL": f"sqlite:///{tmp_path / 'shim.db'}",
+            "TORI_SHIM_API_KEYS": API_KEYS_ENV,
             "PYTHONUNBUFFERED": "1"})
         chosen, _, _ = pick_pdfs()
         path = pdf_path(chosen[0])
         with open(path, "rb") as f:
             r = httpx.post(base + "/jobs", files={"file": (path.name, f, "application/pdf")},
-                           timeout=30)
+                           timeout=30, headers=auth(ALICE_KEY))
         assert r.status_code == 202, r.text
         job = r.json()["job_id"]
         final: dict[str, Any] = {}
 
         def done() -> bool:
-            final.update(httpx.get(f"{base}/jobs/{job}", timeout=10).json())
+            final.update(httpx.get(f"{base}/jobs/{job}", timeout=10,
+                                   headers=auth(ALICE_KEY)).json())
             return final["task_status"] in TERMINAL
 
         wait_for(done, timeout=120, interval=0.3, message=lambda: f"job not done: {final}")

@@ -13,10 +13,12 @@ from typing import Any, AsyncIterator, Optional
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +33,7 @@ from tori_bridge import (
     storage_from_env,
 )
 
+from .auth import ANONYMOUS, AuthConfigError, is_loopback
 from .config import Settings
 from .db import Job, make_engine, make_sessionmaker, utcnow
 from .upload import StreamedUpload, UploadRejected
@@ -97,7 +100,9 @@ class ErrorBody(BaseModel):
     detail: Any = Field(description="what went wrong, for people")
 
 
-_ERR = {"model": ErrorBody}
+_ERR: dict[str, Any] = {"model": ErrorBody}
+#: Every route but /healthz and the page answers these without a valid key.
+_AUTH: dict[int | str, dict[str, Any]] = {401: {**_ERR, "description": "no or unknown API key"}}
 
 
 def error(status: int, code: str, detail: Any, headers: Optional[dict[str, str]] = None
@@ -105,14 +110,58 @@ def error(status: int, code: str, detail: Any, headers: Optional[dict[str, str]]
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                 413: "too_large", 415: "unsupported_media_type", 503: "unavailable"}
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+                 503: "unavailable"}
+
+
+# -- the caller ----------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                     description="`Authorization: Bearer KEY`, a key of TORI_SHIM_API_KEYS")
+
+
+def _unauthorized(detail: str, invalid: bool) -> StarletteHTTPException:
+    # RFC 6750: say which scheme to use, and whether the token given was bad.
+    challenge = 'Bearer realm="tori-shim"' + (', error="invalid_token"' if invalid else "")
+    return StarletteHTTPException(401, detail, headers={"WWW-Authenticate": challenge})
+
+
+def caller(request: Request,
+           cred: Optional[HTTPAuthorizationCredentials] = Security(_bearer)) -> str:
+    """The owner the request acts for (a FastAPI dependency; tests and later
+    routers can override it)."""
+    settings: Settings = request.app.state.settings
+    if settings.no_auth:
+        # Without keys only this machine may talk to the shim, whatever
+        # address the server was bound to (uvicorn started by hand).
+        if request.client is None or not is_loopback(request.client.host):
+            raise StarletteHTTPException(
+                403, "authentication is off (--no-auth): only loopback clients are answered")
+        return ANONYMOUS
+    if cred is None:
+        raise _unauthorized("send an API key: Authorization: Bearer KEY", invalid=False)
+    owner = settings.api_keys.owner_of(cred.credentials)
+    if owner is None:
+        raise _unauthorized("unknown API key", invalid=True)
+    return owner
 
 
 # -- the app ---------------------------------------------------------------
 
 def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    if not settings.api_keys and not settings.no_auth:
+        raise AuthConfigError(
+            "no API keys configured: set TORI_SHIM_API_KEYS=owner:key[,owner2:key2] or "
+            "TORI_SHIM_API_KEYS_FILE, or serve without authentication with --no-auth "
+            "(TORI_SHIM_NO_AUTH=1, loopback only)")
+    if settings.no_auth:
+        log.warning("authentication is OFF (--no-auth / TORI_SHIM_NO_AUTH): every caller is "
+                    "owner %r and only loopback clients are answered", ANONYMOUS)
+    else:
+        log.info("authentication: %d API keys for owners %s", len(settings.api_keys),
+                 ", ".join(settings.api_keys.owners))
     storage = storage or storage_from_env()
     celery_app = make_celery_app("tori_shim", broker=settings.broker_url,
                                  backend=settings.result_backend,
@@ -136,9 +185,13 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
         lifespan=lifespan,
         title="tori-shim",
         version="0.1.0",
+        # Served below behind the caller dependency instead.
+        openapi_url=None, docs_url=None, redoc_url=None,
         description=(
             "Upload PDFs for ingestion by tori-worker (Celery task `pdf_ingestion`) and "
-            "follow them. Errors are JSON `{\"error\": code, \"detail\": message}`."),
+            "follow them. Every route but `/healthz` needs `Authorization: Bearer KEY`; a "
+            "caller sees only its own jobs. Errors are JSON "
+            "`{\"error\": code, \"detail\": message}`."),
     )
     app.state.settings = settings
     app.state.storage = storage
@@ -223,15 +276,17 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
                 "exc_message": (job.error or ": ").split(": ", 1)[-1]}})
         return status_from_meta(job.task_id, meta)
 
-    def load_job(job_id: str) -> Job:
+    def load_job(job_id: str, owner: str) -> Job:
         with Session() as s:
             job = s.get(Job, job_id)
-        if job is None:
+        # Another owner's job is "not found", exactly like a missing one, so
+        # ids cannot be probed.
+        if job is None or job.owner != owner:
             raise StarletteHTTPException(404, f"no job with id {job_id!r}")
         return job
 
-    def current_view(job_id: str) -> dict[str, Any]:
-        job = load_job(job_id)
+    def current_view(job_id: str, owner: str) -> dict[str, Any]:
+        job = load_job(job_id, owner)
         st = status_of(job, decode_meta(backend_sync.get(meta_key(job.task_id))))
         if st.ready and job.status not in TERMINAL_STATES:
             job = record_terminal(job_id, st) or job
@@ -243,9 +298,18 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
         page = resources.files("tori_shim").joinpath("static/index.html").read_text("utf-8")
         return HTMLResponse(page)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_owner: str = Depends(caller)) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(_owner: str = Depends(caller)) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tori-shim API")
+
     @app.get("/healthz", summary="Liveness and dependencies",
+             description="Open to all; error texts, storage and queue numbers only with a key.",
              responses={503: {"description": "a dependency is down"}})
-    def healthz() -> JSONResponse:
+    def healthz(request: Request) -> JSONResponse:
         checks: dict[str, Any] = {}
         ok = True
         try:
@@ -263,6 +327,18 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
             ok = False
         checks["storage"] = repr(storage)
         checks["max_queue"] = settings.max_queue
+        # The key is optional here, so read by hand (not Security(), which
+        # would mark the route as requiring it in the OpenAPI document).
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        cred = (HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+                if scheme.lower() == "bearer" and token.strip() else None)
+        try:
+            caller(request, cred)
+        except StarletteHTTPException:
+            # Load balancers and probes need only up/down; host names, paths
+            # and driver errors are for the operator.
+            checks = {k: v if v == "ok" else "error" for k, v in checks.items()
+                      if k in ("redis", "database")}
         return JSONResponse({"status": "ok" if ok else "error", **checks},
                             status_code=200 if ok else 503)
 
@@ -273,13 +349,13 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
         response_model=JobCreated,
         responses={200: {"model": JobCreated, "description": "same bytes uploaded before: "
                                                              "the existing job"},
-                   400: _ERR, 413: _ERR, 415: _ERR, 503: _ERR},
+                   400: _ERR, 413: _ERR, 415: _ERR, 503: _ERR, **_AUTH},
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
             "schema": {"type": "object", "required": ["file"], "properties": {
                 "file": {"type": "string", "format": "binary",
                          "description": "the PDF (plain file name, no directories)"}}}}}}},
     )
-    async def create_job(request: Request) -> JSONResponse:
+    async def create_job(request: Request, owner: str = Depends(caller)) -> JSONResponse:
         # Backpressure first: nothing is read or stored when the queue is full.
         try:
             depth = await run_in_threadpool(queue_depth)
@@ -308,11 +384,12 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
 
         def existing() -> Optional[Job]:
             with Session() as s:
-                return s.execute(select(Job).where(Job.sha256 == sha)).scalar_one_or_none()
+                return s.execute(select(Job).where(Job.owner == owner, Job.sha256 == sha)
+                                 ).scalar_one_or_none()
 
         def duplicate_answer(job: Job) -> JSONResponse:
             try:
-                status = current_view(job.job_id)["task_status"]
+                status = current_view(job.job_id, owner)["task_status"]
             except Exception:  # noqa: BLE001 - the table's word is good enough
                 status = job.status
             body = JobCreated(job_id=job.job_id, task_id=job.task_id, duplicate=True,
@@ -326,7 +403,7 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
             return await run_in_threadpool(duplicate_answer, job)
         stored = await run_in_threadpool(pending.commit)
         job_id = str(uuid.uuid4())
-        new = Job(job_id=job_id, task_id=job_id, filename=up.filename, sha256=sha,
+        new = Job(job_id=job_id, task_id=job_id, owner=owner, filename=up.filename, sha256=sha,
                   file_ref=stored.ref, size=stored.size, status="PENDING",
                   submitted_at=utcnow())
 
@@ -337,7 +414,8 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
                     s.commit()
                 except IntegrityError:  # the same bytes raced in: theirs wins
                     s.rollback()
-                    return s.execute(select(Job).where(Job.sha256 == sha)).scalar_one()
+                    return s.execute(select(Job).where(Job.owner == owner,
+                                                       Job.sha256 == sha)).scalar_one()
             return None
 
         other = await run_in_threadpool(insert)
@@ -363,18 +441,20 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
             await run_in_threadpool(forget)
             return error(503, "broker_unavailable", f"could not enqueue the job: {e}",
                          {"Retry-After": str(settings.retry_after)})
-        log.info("job %s: %s (%d bytes, sha256 %s) -> %s", job_id, up.filename, stored.size,
-                 sha, stored.ref)
+        log.info("job %s of %s: %s (%d bytes, sha256 %s) -> %s", job_id, owner, up.filename,
+                 stored.size, sha, stored.ref)
         body = JobCreated(job_id=job_id, task_id=job_id, duplicate=False, status="PENDING",
                           filename=up.filename, sha256=sha, size=stored.size,
                           file_ref=stored.ref)
         return JSONResponse(body.model_dump(), status_code=202)
 
-    @app.get("/jobs", response_model=JobList, summary="Recent jobs, newest first")
-    def list_jobs(limit: int = Query(50, ge=1, le=500)) -> dict[str, Any]:
+    @app.get("/jobs", response_model=JobList, responses=_AUTH,
+             summary="The caller's recent jobs, newest first")
+    def list_jobs(limit: int = Query(50, ge=1, le=500),
+                  owner: str = Depends(caller)) -> dict[str, Any]:
         with Session() as s:
-            jobs = list(s.execute(select(Job).order_by(Job.submitted_at.desc()).limit(limit))
-                        .scalars())
+            jobs = list(s.execute(select(Job).where(Job.owner == owner)
+                                  .order_by(Job.submitted_at.desc()).limit(limit)).scalars())
         open_jobs = [j for j in jobs if j.status not in TERMINAL_STATES]
         if open_jobs:
             raws = backend_sync.mget([meta_key(j.task_id) for j in open_jobs])
@@ -390,17 +470,18 @@ def create_app(settings: Optional[Settings] = None, storage: Optional[Storage] =
                     j.status = st.state
         return {"jobs": [j.summary() for j in jobs]}
 
-    @app.get("/jobs/{job_id}", response_model=JobView, responses={404: _ERR},
+    @app.get("/jobs/{job_id}", response_model=JobView, responses={404: _ERR, **_AUTH},
              summary="A job's status, progress and result")
-    def get_job(job_id: str) -> dict[str, Any]:
-        return current_view(job_id)
+    def get_job(job_id: str, owner: str = Depends(caller)) -> dict[str, Any]:
+        return current_view(job_id, owner)
 
     @app.get("/jobs/{job_id}/events", summary="Server-sent events of a job",
-             responses={404: _ERR, 200: {"content": {"text/event-stream": {}},
+             responses={404: _ERR, **_AUTH, 200: {"content": {"text/event-stream": {}},
                                          "description": "`event: progress` on every change, "
                                                         "then `event: done` (terminal state)"}})
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
-        job = await run_in_threadpool(load_job, job_id)
+    async def job_events(job_id: str, request: Request,
+                         owner: str = Depends(caller)) -> StreamingResponse:
+        job = await run_in_threadpool(load_job, job_id, owner)
         key = meta_key(job.task_id)
 
         async def stream() -> AsyncIterator[bytes]:

@@ -7,6 +7,8 @@ from typing import Any, Mapping, Optional
 
 from tori_bridge import broker_url_from_env, result_backend_from_env
 
+from .auth import ApiKeys, keys_from_env, truthy
+
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
@@ -39,6 +41,12 @@ class Settings:
     sse_max_seconds: int = 3600
     #: Options passed to pdf_ingestion (``options`` argument), e.g. {"embed": False}.
     ingest_options: Optional[dict[str, Any]] = field(default=None)
+    #: Bearer API keys (hashes) and their owners. Empty and ``no_auth`` false:
+    #: create_app refuses to build the app.
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    #: Serve without authentication (every caller is owner ``anonymous``);
+    #: only loopback clients are then answered.
+    no_auth: bool = False
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -53,4 +61,6 @@ class Settings:
             queue=env.get("TORI_QUEUE") or "celery",
             sse_poll=float(env.get("TORI_SHIM_SSE_POLL") or 0.25),
             sse_max_seconds=_int(env, "TORI_SHIM_SSE_MAX_SECONDS", 3600),
+            api_keys=keys_from_env(env),
+            no_auth=truthy(env.get("TORI_SHIM_NO_AUTH")),
         )
