@@ -96,16 +96,25 @@ fn print_tasks(json: bool, chaos: bool) -> anyhow::Result<()> {
 }
 
 /// Prints PROGRESS reports of the one-shot ingest to stderr.
+#[cfg(feature = "ingest")]
 struct StderrProgress;
 
+#[cfg(feature = "ingest")]
 impl tasks::ProgressSink for StderrProgress {
     fn progress(&self, meta: serde_json::Value) {
         eprintln!("progress {meta}");
     }
 }
 
+/// Without the `ingest` feature there is no ingestion task to run.
+#[cfg(not(feature = "ingest"))]
+fn ingest_one(_file: &std::path::Path, _options: Option<&str>) -> anyhow::Result<()> {
+    tasks::ingestion_status().map_err(anyhow::Error::msg)
+}
+
 /// `tori-worker ingest FILE.pdf`: the ingestion task run in this process,
 /// reading under the file's own directory unless TORI_STORAGE_ROOT is set.
+#[cfg(feature = "ingest")]
 fn ingest_one(file: &std::path::Path, options: Option<&str>) -> anyhow::Result<()> {
     init_logging("warn", LogFormat::Text);
     tasks::ingestion_status().map_err(anyhow::Error::msg)?;

@@ -40,7 +40,7 @@ use serde_json::{json, Map, Value};
 use thiserror::Error;
 
 use super::envelope::Envelope;
-use super::outgoing::{Route, SignatureCall};
+use super::outgoing::{signature_task_id, Route, SignatureCall};
 use super::result::child_ref;
 
 /// The finished task a follow-up starts from.
@@ -127,10 +127,6 @@ fn options(sig: &Value) -> Map<String, Value> {
         .unwrap_or_default()
 }
 
-fn option_str<'a>(sig: &'a Value, key: &str) -> Option<&'a str> {
-    sig.get("options")?.get(key)?.as_str()
-}
-
 fn immutable(sig: &Value) -> bool {
     sig.get("immutable")
         .and_then(Value::as_bool)
@@ -191,7 +187,7 @@ fn expand_group(
     rest: Option<Vec<Value>>,
     from: &Origin<'_>,
 ) -> Result<Expansion, CanvasError> {
-    let group_id = option_str(sig, "task_id").map_or_else(new_id, str::to_owned);
+    let group_id = sig_task_id(sig).map_or_else(new_id, str::to_owned);
     let inherited: Map<String, Value> = options(sig)
         .into_iter()
         .filter(|(k, _)| {
@@ -251,8 +247,8 @@ fn chord_body(sig: &Value) -> Result<Value, CanvasError> {
 /// The group id a chord's header runs under: the header's frozen id, else
 /// the chord's, else a new one.
 fn chord_group_id(header: &Value, chord: &Value) -> String {
-    option_str(header, "task_id")
-        .or_else(|| option_str(chord, "task_id"))
+    sig_task_id(header)
+        .or_else(|| sig_task_id(chord))
         .map_or_else(new_id, str::to_owned)
 }
 
@@ -306,7 +302,7 @@ fn expand_chord(
         if body_kind != Kind::Chord {
             opts.entry("group_id").or_insert_with(|| json!(group_id));
         }
-        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        frozen_id(opts);
     }
     if body_kind == Kind::Chord {
         freeze_chord_body(&mut body, &group_id, from.root_id);
@@ -550,7 +546,7 @@ fn chord_member(
             opts.insert("group_id".into(), json!(group_id));
         }
     }
-    let body_id = option_str(&body, "task_id").unwrap_or_default().to_owned();
+    let body_id = sig_task_id(&body).unwrap_or_default().to_owned();
     let body_result = |parent: Value| match &members {
         None => json!([[body_id, parent], null]),
         Some(members) => json!([[body_id, parent], members]),
@@ -589,7 +585,7 @@ fn freeze_group_body(
 ) -> Result<Vec<Value>, CanvasError> {
     {
         let opts = options_mut(body);
-        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        frozen_id(opts);
         opts.insert("group_index".into(), json!(index));
         opts.insert("root_id".into(), root.clone());
         opts.entry("parent_id").or_insert(Value::Null);
@@ -624,7 +620,7 @@ fn freeze_group_body(
     }
     let results = frozen
         .iter()
-        .map(|t| child_ref(option_str(t, "task_id").unwrap_or_default()))
+        .map(|t| child_ref(sig_task_id(t).unwrap_or_default()))
         .collect();
     if let Some(kwargs) = body.get_mut("kwargs").and_then(Value::as_object_mut) {
         kwargs.insert("tasks".into(), Value::Array(frozen));
@@ -644,7 +640,7 @@ fn freeze_in_place(
     root: &Value,
 ) {
     let opts = options_mut(body);
-    opts.entry("task_id").or_insert_with(|| json!(new_id()));
+    frozen_id(opts);
     if truthy(root) {
         opts.insert("root_id".into(), root.clone());
     }
@@ -785,15 +781,12 @@ fn chain_member(
     for (task, chord) in middle.iter().zip(middle_chords) {
         parent = match chord {
             Some(chord) => chord.result(parent),
-            None => json!([
-                [option_str(task, "task_id").unwrap_or_default(), parent],
-                null
-            ]),
+            None => json!([[sig_task_id(task).unwrap_or_default(), parent], null]),
         };
     }
     let child = match tail {
         Tail::Task if last == 0 => parent,
-        Tail::Task => json!([[option_str(&tasks[last], "task_id"), parent], null]),
+        Tail::Task => json!([[sig_task_id(&tasks[last]), parent], null]),
         Tail::Group { id, members } => json!([[id, parent], members]),
         Tail::Chord(chord) => chord.result(parent),
     };
@@ -940,7 +933,7 @@ fn freeze_group_link(
             }
             Kind::Task => {
                 let opts = options_mut(&mut task);
-                opts.entry("task_id").or_insert_with(|| json!(new_id()));
+                frozen_id(opts);
                 if truthy(&root) {
                     opts.insert("root_id".into(), root.clone());
                 }
@@ -954,7 +947,7 @@ fn freeze_group_link(
                     opts.insert("chord".into(), body.clone());
                 }
                 opts.insert("group_index".into(), json!(frozen.len()));
-                members.push(child_ref(option_str(&task, "task_id").unwrap_or_default()));
+                members.push(child_ref(sig_task_id(&task).unwrap_or_default()));
                 frozen.push(task);
             }
             Kind::Chain if chain_is_empty(&task) => {}
@@ -1051,7 +1044,7 @@ fn freeze_task_chain(
             );
         }
         let opts = options_mut(task);
-        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        frozen_id(opts);
         if truthy(root) {
             opts.insert("root_id".into(), root.clone());
         }
@@ -1068,7 +1061,7 @@ fn freeze_task_chain(
     }
     let mut result = Value::Null;
     for task in tasks.iter() {
-        let id = option_str(task, "task_id").unwrap_or_default();
+        let id = sig_task_id(task).unwrap_or_default();
         result = json!([[id, result], null]);
     }
     Ok(result)
@@ -1120,7 +1113,7 @@ fn freeze_chord_link(
         // A link before the last: `body.freeze(root_id=)` only.
         (Kind::Task, None) => {
             let opts = options_mut(&mut body);
-            opts.entry("task_id").or_insert_with(|| json!(new_id()));
+            frozen_id(opts);
             if truthy(root) {
                 opts.insert("root_id".into(), root.clone());
             }
@@ -1149,11 +1142,11 @@ fn freeze_chord_link(
             .map(|links| {
                 links
                     .iter()
-                    .map(|l| option_str(l, "task_id").unwrap_or_default().to_owned())
+                    .map(|l| sig_task_id(l).unwrap_or_default().to_owned())
                     .collect()
             })
             .unwrap_or_default(),
-        _ => vec![option_str(&body, "task_id").unwrap_or_default().to_owned()],
+        _ => vec![sig_task_id(&body).unwrap_or_default().to_owned()],
     };
     let mut members = Vec::new();
     if let Some(tasks) = header
@@ -1213,7 +1206,7 @@ fn freeze_header_member(
     match kind(member) {
         Kind::Task => {
             freeze(member, Some(n));
-            results.push(child_ref(option_str(member, "task_id").unwrap_or_default()));
+            results.push(child_ref(sig_task_id(member).unwrap_or_default()));
         }
         what @ (Kind::Chain | Kind::Group) => {
             let Some(tasks) = member
@@ -1234,7 +1227,7 @@ fn freeze_header_member(
                     _ => (k == last).then_some(n),
                 };
                 freeze(task, index);
-                let id = option_str(task, "task_id").unwrap_or_default();
+                let id = sig_task_id(task).unwrap_or_default();
                 if what == Kind::Group {
                     results.push(child_ref(id));
                 } else {
@@ -1251,19 +1244,26 @@ fn freeze_header_member(
 }
 
 /// The signature's task id, given a new one where it has none (its id
-/// once frozen).
+/// once frozen). An empty or null `task_id` is none, as in Celery's
+/// `task_id or uuid()` ([`signature_task_id`]).
 fn frozen_id(opts: &mut Map<String, Value>) -> String {
-    opts.entry("task_id")
-        .or_insert_with(|| json!(new_id()))
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
+    if let Some(id) = signature_task_id(opts) {
+        return id.to_owned();
+    }
+    let id = new_id();
+    opts.insert("task_id".into(), json!(id));
+    id
+}
+
+/// `sig`'s own task id, if it has a usable one ([`signature_task_id`]).
+fn sig_task_id(sig: &Value) -> Option<&str> {
+    signature_task_id(sig.get("options")?.as_object()?)
 }
 
 /// A task id and a reply-to where the signature has none yet, as
 /// Celery's `freeze` gives them.
 fn give_ids(opts: &mut Map<String, Value>) {
-    opts.entry("task_id").or_insert_with(|| json!(new_id()));
+    frozen_id(opts);
     opts.entry("reply_to")
         .or_insert_with(|| json!(super::outgoing::worker_oid()));
 }
@@ -1300,7 +1300,7 @@ fn expand_chain(
     chain.extend(others.iter().rev().map(|task| {
         let mut task = task.clone();
         let opts = options_mut(&mut task);
-        opts.entry("task_id").or_insert_with(|| json!(new_id()));
+        frozen_id(opts);
         opts.insert("root_id".into(), json!(from.root_id));
         opts.entry("reply_to")
             .or_insert_with(|| json!(super::outgoing::worker_oid()));
@@ -1438,7 +1438,7 @@ pub fn task_ids(sig: &Value) -> Vec<String> {
 }
 
 fn collect_ids(sig: &Value, out: &mut Vec<String>) {
-    if let Some(id) = option_str(sig, "task_id") {
+    if let Some(id) = sig_task_id(sig) {
         if !out.iter().any(|x| x == id) {
             out.push(id.to_owned());
         }
@@ -1530,6 +1530,50 @@ mod tests {
                 ]
             ])
         );
+    }
+
+    /// Celery publishes a signature under `task_id or uuid()`: an empty or
+    /// null `task_id` in a group, chord or chain gets a new id, the one the
+    /// message carries and the recorded results name (issue #25).
+    #[test]
+    fn an_empty_or_null_task_id_gets_a_new_one() {
+        let result = json!(1);
+        let mut null_member = task(json!([2]), "x");
+        null_member["options"]["task_id"] = Value::Null;
+        let sig = group(vec![task(json!([1]), ""), null_member], "");
+        let exp = expand(&sig, Some(Vec::new()), &from(&result)).unwrap();
+        let msgs = decoded(&exp);
+        let ids: Vec<&str> = msgs.iter().map(|m| m.id.as_str()).collect();
+        assert!(ids.iter().all(|id| !id.is_empty()) && ids[0] != ids[1]);
+        let group_id = msgs[0].group.clone().unwrap();
+        assert!(!group_id.is_empty());
+        assert_eq!(
+            exp.child,
+            json!([
+                [group_id, null],
+                [[[ids[0], null], null], [[ids[1], null], null]]
+            ])
+        );
+
+        let sig = json!({"task": "celery.chord", "args": [], "kwargs": {"kwargs": {},
+            "header": group(vec![task(json!([10]), "")], ""),
+            "body": task(json!([]), "")}, "options": {"task_id": ""}, "subtask_type": "chord", "immutable": false});
+        let exp = expand(&sig, Some(Vec::new()), &from(&result)).unwrap();
+        let (group_id, _) = &exp.chord_sizes[0];
+        assert!(!group_id.is_empty());
+        let member = &decoded(&exp)[0];
+        assert!(!member.id.is_empty());
+        assert_eq!(member.group.as_ref(), Some(group_id));
+        let body = member.chord.as_ref().unwrap();
+        assert!(!body["options"]["task_id"].as_str().unwrap().is_empty());
+
+        let sig = json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": [
+            task(json!([1]), ""), task(json!([2]), "")]}, "options": {}, "subtask_type": "chain", "immutable": false});
+        let exp = expand(&sig, Some(Vec::new()), &from(&result)).unwrap();
+        let first = &decoded(&exp)[0];
+        assert!(!first.id.is_empty());
+        let next = first.chain[0]["options"]["task_id"].as_str().unwrap();
+        assert!(!next.is_empty() && next != first.id);
     }
 
     #[test]
@@ -1708,7 +1752,7 @@ mod tests {
             unroll_chord_bodies(vec![task(json!([0]), "b"), chord(header(), body)]).unwrap();
         let ids: Vec<&str> = links
             .iter()
-            .map(|l| option_str(l, "task_id").unwrap_or_default())
+            .map(|l| sig_task_id(l).unwrap_or_default())
             .collect();
         assert_eq!(ids, ["b", "hg", "f"]);
         assert_eq!(links[1]["kwargs"]["body"]["options"]["task_id"], json!("e"));

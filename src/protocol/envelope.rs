@@ -16,6 +16,7 @@
 //! to the full object, so both paths give the same answers.
 
 use std::borrow::Cow;
+use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -43,6 +44,13 @@ pub enum EnvelopeError {
     MissingDeliveryTag,
     #[error("body is not valid base64: {0}")]
     BadBase64(String),
+    /// A number no f64 can hold (`1e400`). Python's `json` reads it as
+    /// `inf`; the worker refuses the message instead of carrying a
+    /// different value or losing the field (issue #25).
+    #[error(
+        "number {0} is beyond the range of a 64-bit float (Python would read it as inf); refused"
+    )]
+    NumberOutOfRange(String),
 }
 
 /// A kombu envelope (see SPEC §1.3).
@@ -166,6 +174,18 @@ impl ReadEnvelope {
             return None;
         }
         let wire: WireEnvelope<'_> = serde_json::from_str(text).ok()?;
+        // The body is the bulk of the text and a plain string: the scan
+        // below need not walk it when it is a slice of `text`.
+        let body = match &wire.body {
+            Cow::Borrowed(b) => {
+                let start = b.as_ptr() as usize - text.as_ptr() as usize;
+                Some(start..start + b.len())
+            }
+            Cow::Owned(_) => None,
+        };
+        if scan_json(text, body, TYPED_DEPTH, |_| ControlFlow::Break(())).is_break() {
+            return None;
+        }
         let properties: WireProperties<'_> = object_of(wire.properties)?;
         if properties.delivery_tag.is_empty() {
             return None;
@@ -212,10 +232,122 @@ impl ReadEnvelope {
             .get_or_init(|| match serde_json::from_str(&self.raw) {
                 Ok(Value::Object(object)) => object,
                 // Cannot happen: the typed reading accepted this text as an
-                // object.
+                // object, after `scan_json` found nothing the object
+                // reading would refuse.
                 _ => Map::new(),
             })
     }
+}
+
+/// Nesting the typed reading takes on trust; deeper text goes to the
+/// object reading, which decides exactly (serde_json stops at 128 levels).
+const TYPED_DEPTH: usize = 64;
+
+/// What [`scan_json`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Finding {
+    /// Containers nested deeper than the scan's limit.
+    Deep,
+    /// A number token, at this range of the text, that no f64 holds.
+    OutOfRange(std::ops::Range<usize>),
+}
+
+/// Walks JSON `text` outside its strings (not looking inside `skip`, the
+/// inside of one string) and shows `visit` what serde_json would refuse
+/// when building a `Value` but not when only checking syntax, as the typed
+/// reading does for the headers and for fields it skips: numbers beyond
+/// f64 and nesting beyond `max_depth`. Stops when `visit` breaks. Assumes
+/// syntactically valid JSON (it only ever sees text serde_json accepted,
+/// or is asked to find the token serde_json refused).
+fn scan_json(
+    text: &str,
+    skip: Option<std::ops::Range<usize>>,
+    max_depth: usize,
+    mut visit: impl FnMut(Finding) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    let bytes = text.as_bytes();
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        if in_string {
+            if let Some(skip) = skip.as_ref().filter(|s| s.contains(&i)) {
+                i = skip.end;
+                continue;
+            }
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => {
+                    in_string = false;
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+            continue;
+        }
+        match bytes[i] {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    visit(Finding::Deep)?;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let token = &text[start..i];
+                // Only an exponent or ~309 digits can leave f64's range;
+                // Rust's parse rounds as serde_json does, and reads an
+                // out-of-range number as infinite.
+                let may_overflow = token.len() > 300 || token.contains(['e', 'E']);
+                if may_overflow && token.parse::<f64>().is_ok_and(f64::is_infinite) {
+                    visit(Finding::OutOfRange(start..i))?;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    ControlFlow::Continue(())
+}
+
+/// Every number in `text` that no f64 holds.
+fn out_of_range_numbers(text: &str) -> Vec<std::ops::Range<usize>> {
+    let mut found = Vec::new();
+    let _ = scan_json(text, None, usize::MAX, |f| {
+        if let Finding::OutOfRange(range) = f {
+            found.push(range);
+        }
+        ControlFlow::Continue(())
+    });
+    found
+}
+
+/// The error for bytes serde_json would not read as a `Value`: a number
+/// beyond f64 is named as such (the text is JSON, and Python reads it),
+/// anything else is not JSON.
+fn json_error(bytes: &[u8], error: &serde_json::Error) -> EnvelopeError {
+    let message = error.to_string();
+    if message.starts_with("number out of range") {
+        let text = String::from_utf8_lossy(bytes);
+        if let Some(range) = out_of_range_numbers(&text).first() {
+            let number: String = text[range.clone()].chars().take(40).collect();
+            let more = if range.len() > 40 { "…" } else { "" };
+            return EnvelopeError::NumberOutOfRange(format!(
+                "{number}{more} (line {}, column {})",
+                error.line(),
+                error.column()
+            ));
+        }
+    }
+    EnvelopeError::NotJson(message)
 }
 
 /// The task a raw message is for, read without decoding (or copying) its
@@ -244,7 +376,27 @@ pub fn peek_task(raw: &[u8]) -> Option<(String, Option<String>)> {
         correlation_id: Option<Value>,
     }
     let text = String::from_utf8_lossy(raw);
-    let peek: Peek = serde_json::from_str(&text).ok()?;
+    let peek: Peek = match serde_json::from_str(&text) {
+        Ok(peek) => peek,
+        // A number beyond f64 in a field read as a `Value` (`"task":
+        // 1e400`) must not hide a readable id: read again with such
+        // numbers as null.
+        Err(_) => {
+            let found = out_of_range_numbers(&text);
+            if found.is_empty() {
+                return None;
+            }
+            let mut nulled = String::with_capacity(text.len());
+            let mut at = 0;
+            for range in found {
+                nulled.push_str(&text[at..range.start]);
+                nulled.push_str("null");
+                at = range.end;
+            }
+            nulled.push_str(&text[at..]);
+            serde_json::from_str(&nulled).ok()?
+        }
+    };
     let string = |v: Option<Value>| match v {
         Some(Value::String(s)) if !s.is_empty() => Some(s),
         _ => None,
@@ -272,8 +424,7 @@ impl Envelope {
                 repr: Repr::Read(Box::new(read)),
             });
         }
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| json_error(bytes, &e))?;
         let Value::Object(object) = value else {
             return Err(EnvelopeError::NotAnObject);
         };
@@ -721,23 +872,91 @@ mod tests {
     }
 
     /// Found by fuzzing (`task_message_raw`, issue #25): a number beyond
-    /// f64 (`1e400`; Python reads it as `inf`) passes the typed reading,
+    /// f64 (`1e400`; Python reads it as `inf`) passed the typed reading,
     /// which keeps header text raw, but not the object reading, whose
-    /// failure `ReadEnvelope::object` turns into an empty map. Every
-    /// reader of the object then sees no body: a restore or dead-letter
-    /// writes the message without its body, and `retry_of` panics on its
-    /// `expect`. Not fixed here (the fix is a choice of policy for
-    /// out-of-range numbers, part of the nesting/size work).
+    /// failure left an empty object: every reader of it then saw no body
+    /// (a restore or dead-letter wrote the message without it, `retry_of`
+    /// panicked). Policy: such a message is refused with its own error, and
+    /// its task id stays readable, so the worker stores a DecodeError
+    /// FAILURE for it and dead-letters the raw text (`unrunnable`).
     #[test]
-    #[ignore = "issue #25: out-of-range numbers empty the envelope's object"]
     fn an_out_of_range_number_does_not_empty_the_envelope() {
-        let text = br#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": 1e400}, "properties": {"delivery_tag": "t", "body_encoding": "base64"}}"#;
-        if let Ok(env) = Envelope::parse(text) {
-            assert_eq!(env.as_object().get("body"), Some(&json!("eA==")));
-            let mut restored = env.clone();
-            restored.mark_redelivered();
-            assert!(Envelope::parse(restored.to_json().as_bytes()).is_ok());
+        let digits = format!("1{}", "0".repeat(400));
+        for (number, text) in [
+            ("1e400", r#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": 1e400}, "properties": {"delivery_tag": "t", "body_encoding": "base64"}}"#.to_owned()),
+            ("-1E+999", r#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": [{"y": -1E+999}]}, "properties": {"delivery_tag": "t"}}"#.to_owned()),
+            ("1e400", r#"{"body": "eA==", "headers": {"task": 1e400, "id": "i"}, "properties": {"delivery_tag": "t"}}"#.to_owned()),
+            ("1e400", r#"{"body": "eA==", "headers": {"task": "t", "id": "i"}, "properties": {"delivery_tag": "t", "x": 1e400}}"#.to_owned()),
+            ("1e400", r#"{"x": 1e400, "body": "e\nA==", "headers": {"task": "t", "id": "i"}, "properties": {"delivery_tag": "t"}}"#.to_owned()),
+            (&digits[..40], format!(r#"{{"body": "eA==", "headers": {{"task": "t", "id": "i", "x": {digits}}}, "properties": {{"delivery_tag": "t"}}}}"#)),
+        ] {
+            match Envelope::parse(text.as_bytes()) {
+                Err(EnvelopeError::NumberOutOfRange(why)) => {
+                    assert!(why.starts_with(number), "{why} for {text}")
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+            // The id is still read, so the task gets a stored FAILURE.
+            let (id, _) = peek_task(text.as_bytes()).expect(&text);
+            assert_eq!(id, "i");
         }
+    }
+
+    /// Numbers f64 does hold, however written, are read as before.
+    #[test]
+    fn numbers_within_f64_are_read() {
+        let text = br#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": [1e308, -1.7976931348623157e308, 1e-400, 2.5E+3]}, "properties": {"delivery_tag": "t"}}"#;
+        let env = Envelope::parse(text).unwrap();
+        assert!(env.is_read());
+        assert_eq!(env.as_object().get("body"), Some(&json!("eA==")));
+        assert_eq!(env.headers()["x"], json!([1e308, -f64::MAX, 0.0, 2500.0]));
+    }
+
+    /// Headers nested deeper than the typed reading trusts are judged by
+    /// the object reading: read in full when serde_json can, refused when
+    /// not; never accepted with an empty object.
+    #[test]
+    fn deep_headers_are_read_whole_or_refused() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let envelope = |depth: usize| {
+            format!(
+                r#"{{"body": "eA==", "headers": {{"id": "i", "task": "t", "x": {}}}, "properties": {{"delivery_tag": "t"}}}}"#,
+                nested(depth)
+            )
+        };
+        let env = Envelope::parse(envelope(100).as_bytes()).unwrap();
+        assert_eq!(env.as_object().get("body"), Some(&json!("eA==")));
+        assert_eq!(env.headers()["id"], json!("i"));
+        assert!(matches!(
+            Envelope::parse(envelope(200).as_bytes()),
+            Err(EnvelopeError::NotJson(_))
+        ));
+        assert_eq!(peek_task(envelope(200).as_bytes()).unwrap().0, "i");
+    }
+
+    /// The scan skips strings, escapes included, and the body it is told
+    /// to skip.
+    #[test]
+    fn the_scan_reads_only_what_is_outside_strings() {
+        let found = |text: &str| out_of_range_numbers(text);
+        assert!(found(r#"{"a": "1e400", "b\"1e400": "\\", "c": 1}"#).is_empty());
+        let text = r#"{"a": "x\"", "b": 1e400}"#;
+        assert_eq!(&text[found(text)[0].clone()], "1e400");
+        // Skipping the body's inside leaves the scan in the string, so
+        // the closing quote ends it and what follows is still read.
+        let text = r#"{"body": "a[{\"1e400", "x": [[-1e400]]}"#;
+        let body = 10..text.find("\", \"x").unwrap();
+        assert_eq!(&text[body.clone()], r#"a[{\"1e400"#);
+        let mut seen = Vec::new();
+        let _ = scan_json(text, Some(body), 2, |f| {
+            seen.push(f);
+            ControlFlow::Continue(())
+        });
+        let number = text.rfind("-1e400").unwrap();
+        assert_eq!(
+            seen,
+            [Finding::Deep, Finding::OutOfRange(number..number + 6)]
+        );
     }
 
     #[test]

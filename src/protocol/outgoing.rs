@@ -57,6 +57,18 @@ pub fn retry_of(original: &Envelope, msg: &TaskMessage, eta: DateTime<Utc>) -> E
 /// A signature (`{"task", "args", "kwargs", "options", "immutable"}`)
 /// turned into a message, with `parent_result` prepended to its args
 /// unless it is immutable.
+/// The task id a signature's options freeze it under: `None` when it is
+/// absent, null, empty or not a string. Celery publishes a signature under
+/// `task_id or uuid()`, so an empty id asks for a new one; it never names
+/// a message (issue #25). Every reader of a signature's id goes through
+/// here, so what the canvas records and what is published agree.
+pub fn signature_task_id(options: &Map<String, Value>) -> Option<&str> {
+    options
+        .get("task_id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+}
+
 #[derive(Debug, Clone)]
 pub struct SignatureCall<'a> {
     pub signature: &'a Value,
@@ -100,9 +112,7 @@ impl SignatureCall<'_> {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        let id = options
-            .get("task_id")
-            .and_then(Value::as_str)
+        let id = signature_task_id(&options)
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let queue = options
@@ -264,25 +274,60 @@ mod tests {
         assert_eq!(ours, theirs);
     }
 
+    /// The captured chain's second link, and the message a worker would
+    /// publish for a signature, as built and as decoded.
+    fn second_link() -> Value {
+        let first = TaskMessage::decode(&vector("task_chain_first")).unwrap();
+        first.chain.last().unwrap().clone()
+    }
+
+    fn publish(sig: &Value) -> (Envelope, TaskMessage) {
+        let call = SignatureCall {
+            signature: sig,
+            parent_result: None,
+            parent_id: "p",
+            root_id: "r",
+            chain: None,
+            origin: "gen1@vm",
+            default_queue: "celery",
+        };
+        let (env, _) = call.build().unwrap();
+        let msg = TaskMessage::decode(&env).unwrap();
+        (env, msg)
+    }
+
     #[test]
     fn signature_ignore_result_reaches_the_message_header() {
-        let first = TaskMessage::decode(&vector("task_chain_first")).unwrap();
-        let mut next = first.chain.last().unwrap().clone();
-        let build = |sig: &Value| {
-            let call = SignatureCall {
-                signature: sig,
-                parent_result: None,
-                parent_id: "p",
-                root_id: "r",
-                chain: None,
-                origin: "gen1@vm",
-                default_queue: "celery",
-            };
-            TaskMessage::decode(&call.build().unwrap().0).unwrap()
-        };
+        let mut next = second_link();
+        let build = |sig: &Value| publish(sig).1;
         assert_eq!(build(&next).ignore_result, Some(false));
         next["options"]["ignore_result"] = json!(true);
         assert_eq!(build(&next).ignore_result, Some(true));
+    }
+
+    /// Celery publishes `task_id or uuid()`: an empty, null or non-string
+    /// `task_id` gets a new id, never an empty one (issue #25).
+    #[test]
+    fn an_empty_or_null_signature_task_id_gets_a_new_one() {
+        let mut next = second_link();
+        let id_of = |sig: &Value| {
+            let (env, msg) = publish(sig);
+            assert_eq!(env.properties()["correlation_id"], json!(msg.id));
+            msg.id
+        };
+        next["options"]["task_id"] = json!("frozen");
+        assert_eq!(id_of(&next), "frozen");
+        let mut seen = Vec::new();
+        for empty in [json!(""), Value::Null, json!(5)] {
+            next["options"]["task_id"] = empty.clone();
+            assert_eq!(
+                signature_task_id(next["options"].as_object().unwrap()),
+                None
+            );
+            let id = id_of(&next);
+            assert!(!id.is_empty() && !seen.contains(&id), "{empty}: {id:?}");
+            seen.push(id);
+        }
     }
 
     use crate::protocol::limits;
@@ -399,7 +444,8 @@ mod tests {
             let string = |k: &str| options.get(k).and_then(Value::as_str).map(str::to_owned);
             prop_assert_eq!(msg.protocol, 2);
             prop_assert_eq!(&msg.task, &task);
-            match string("task_id") {
+            // An empty id is none: Celery's `task_id or uuid()`.
+            match string("task_id").filter(|id| !id.is_empty()) {
                 Some(id) => prop_assert_eq!(&msg.id, &id),
                 None => prop_assert!(!msg.id.is_empty()),
             }

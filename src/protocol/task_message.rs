@@ -252,7 +252,12 @@ impl TaskMessage {
 
         Ok(Self {
             protocol: 2,
-            root_id: str_of(header("root_id")).or_else(|| Some(id.clone())),
+            // An empty root is none: Celery's `root_id or id` when it
+            // sends the next step (the same mistake as an empty signature
+            // `task_id`, issue #25).
+            root_id: str_of(header("root_id"))
+                .filter(|root| !root.is_empty())
+                .or_else(|| Some(id.clone())),
             parent_id: str_of(header("parent_id")),
             eta: time_of("eta", header("eta"))?,
             expires: time_of("expires", header("expires"))?,
@@ -702,6 +707,21 @@ mod tests {
         assert_eq!(msg.root_id.as_deref(), Some(msg.id.as_str()));
         assert_eq!(msg.time_limit, TimeLimit::default());
         assert!(msg.callbacks.is_empty() && msg.chain.is_empty() && msg.chord.is_none());
+    }
+
+    /// An empty `root_id` header is no root: the task is its own, as
+    /// Celery's `root_id or id` makes it for the steps it sends on.
+    #[test]
+    fn an_empty_root_id_is_the_task_itself() {
+        let mut env = vector("task_delay_add_2_3");
+        env.set_header("root_id", json!(""));
+        let msg = TaskMessage::decode(&env).unwrap();
+        assert_eq!(msg.root_id.as_deref(), Some(msg.id.as_str()));
+        env.set_header("root_id", json!("r"));
+        assert_eq!(
+            TaskMessage::decode(&env).unwrap().root_id.as_deref(),
+            Some("r")
+        );
     }
 
     #[test]

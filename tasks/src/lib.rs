@@ -7,10 +7,12 @@
 pub mod builtins;
 pub mod chaos;
 pub mod diagnostics;
+#[cfg(feature = "ingest")]
 pub mod ingest;
 pub mod registry;
 pub mod task;
 
+#[cfg(feature = "ingest")]
 pub use ingest::ingestion_status;
 pub use registry::{DynTask, Registry, TaskInfo};
 pub use task::{
@@ -23,6 +25,15 @@ pub fn default_registry() -> Registry {
     diagnostics::register(&mut registry);
     // Only when scripts/setup-native placed the native files; otherwise
     // the worker answers NotRegistered and ingest::ingestion_status() says why.
+    #[cfg(feature = "ingest")]
     ingest::register(&mut registry);
     registry
+}
+
+/// Why `pdf_ingestion` is missing from a build without the `ingest`
+/// feature (the fuzz targets' build): the same answer the worker gives
+/// when the native files are absent, so callers need no feature of their own.
+#[cfg(not(feature = "ingest"))]
+pub fn ingestion_status() -> Result<(), String> {
+    Err("PDF ingestion (pdf_ingestion) is not in this build (the `ingest` feature is off)".into())
 }

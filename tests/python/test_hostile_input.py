@@ -254,6 +254,14 @@ def _good_body(args=("x",)) -> bytes:
     return json.dumps([list(args), {}, EMBED]).encode()
 
 
+def _with_number(header: str, number: str, tid: str) -> str:
+    """An envelope whose ``header`` is ``number`` written as is (Python's
+    json would write inf as the non-JSON ``Infinity``)."""
+    env = envelope_with_body("tori.echo", tid, _good_body())
+    env["headers"][header] = "@NUMBER@"
+    return json.dumps(env).replace('"@NUMBER@"', number)
+
+
 MALFORMED = {
     # name: (envelope builder, expected exception type, text in its message)
     "body_not_base64": (
@@ -305,6 +313,14 @@ MALFORMED = {
     "retries_negative": (
         lambda tid: envelope_with_body("tori.echo", tid, _good_body(), retries=-1),
         "ValueError", "retries"),
+    # Python's json reads 1e400 as inf; no JSON value can carry that back,
+    # so the worker refuses the message (the id is still read).
+    "header_number_beyond_f64": (
+        lambda tid: _with_number("x_big", "1e400", tid),
+        "DecodeError", "1e400 (line 1"),
+    "task_header_number_beyond_f64": (
+        lambda tid: _with_number("task", "-1E+999", tid),
+        "DecodeError", "beyond the range of a 64-bit float"),
     "arg_nested_too_deep": (
         lambda tid: envelope_with_body(
             "tori.echo", tid, f"[[{nested(120)}], {{}}, {{}}]".encode()),
