@@ -585,6 +585,13 @@ fn check_expand(sig: &Value, rest: Option<Vec<Value>>, result: &Value) {
         match Envelope::parse(text.as_bytes()) {
             Ok(parsed) => match TaskMessage::decode(&parsed) {
                 Ok(_) => {}
+                // `time_limit`/`soft_time_limit` options are copied into
+                // the `timelimit` header as they are, as Celery copies
+                // them; one that is no number of seconds is refused by the
+                // worker that receives the step, with a stored FAILURE
+                // (the policy `outgoing::built_messages_decode_to_the_signature`
+                // checks too). Found by fuzzing `canvas` (issue #25).
+                Err(DecodeError::Invalid { message, .. }) if message.starts_with("timelimit") => {}
                 Err(DecodeError::Malformed(e)) if is_depth_error(&e) => {
                     assert!(
                         deep + 4 >= SERDE_JSON_DEPTH,
