@@ -474,8 +474,9 @@ impl Message {
         {
             return None;
         }
-        // Extra headers that the decoder validates may refuse the message.
-        let validated = ["id", "task", "eta", "expires"];
+        // Extra headers that the decoder validates may refuse the message
+        // (`retries` and `timelimit` since issue #25; found by fuzzing).
+        let validated = ["id", "task", "eta", "expires", "retries", "timelimit"];
         if self
             .fields
             .iter()
