@@ -250,13 +250,24 @@ enum Finding {
     Deep,
     /// A number token, at this range of the text, that no f64 holds.
     OutOfRange(std::ops::Range<usize>),
+    /// A `\u` escape of a UTF-16 surrogate that is not half of a pair
+    /// (`"\ud999"`): serde_json checks only that it has four hex digits
+    /// when skipping a string, and refuses it when reading one.
+    LoneSurrogate,
+}
+
+/// The UTF-16 unit a `\uXXXX` escape at the start of `bytes` writes.
+fn escaped_unit(bytes: &[u8]) -> Option<u16> {
+    let hex = bytes.strip_prefix(b"\\u")?.get(..4)?;
+    u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
 /// Walks JSON `text` outside its strings (not looking inside `skip`, the
 /// inside of one string) and shows `visit` what serde_json would refuse
 /// when building a `Value` but not when only checking syntax, as the typed
 /// reading does for the headers and for fields it skips: numbers beyond
-/// f64 and nesting beyond `max_depth`. Stops when `visit` breaks. Assumes
+/// f64, nesting beyond `max_depth` and lone surrogate escapes (the last
+/// two found by fuzzing, issue #25). Stops when `visit` breaks. Assumes
 /// syntactically valid JSON (it only ever sees text serde_json accepted,
 /// or is asked to find the token serde_json refused).
 fn scan_json(
@@ -276,7 +287,19 @@ fn scan_json(
                 continue;
             }
             match bytes[i] {
-                b'\\' => i += 2,
+                b'\\' => match escaped_unit(&bytes[i..]) {
+                    // A pair (how Python's json writes an emoji) is fine.
+                    Some(0xD800..=0xDBFF)
+                        if matches!(escaped_unit(&bytes[i + 6..]), Some(0xDC00..=0xDFFF)) =>
+                    {
+                        i += 12
+                    }
+                    Some(0xD800..=0xDFFF) => {
+                        visit(Finding::LoneSurrogate)?;
+                        i += 6;
+                    }
+                    _ => i += 2,
+                },
                 b'"' => {
                     in_string = false;
                     i += 1;
@@ -900,6 +923,34 @@ mod tests {
             let (id, _) = peek_task(text.as_bytes()).expect(&text);
             assert_eq!(id, "i");
         }
+    }
+
+    /// Found by fuzzing (`task_message_raw`, issue #25): a lone surrogate
+    /// escape in a field the typed reading skips passed it (serde_json
+    /// only checks its hex digits there) and emptied the object, so the
+    /// body read as empty. It is refused now, with the id still readable;
+    /// a surrogate pair, how Python's json writes an emoji, stays on the
+    /// typed reading.
+    #[test]
+    fn a_lone_surrogate_escape_is_refused_not_emptied() {
+        for text in [
+            r#"{"body": "eA==", "headers": {"task": "t", "id": "i"}, "properties": {"delivery_tag": "t", "x": "a\ud999b"}}"#,
+            r#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": ["\udc00"]}, "properties": {"delivery_tag": "t"}}"#,
+            r#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": "\ud83d\ud83d"}, "properties": {"delivery_tag": "t"}}"#,
+        ] {
+            match Envelope::parse(text.as_bytes()) {
+                // serde_json's words: "lone leading surrogate in hex escape",
+                // "unexpected end of hex escape"…
+                Err(EnvelopeError::NotJson(why)) => assert!(why.contains("escape"), "{why}"),
+                other => panic!("{text}: {other:?}"),
+            }
+            assert_eq!(peek_task(text.as_bytes()).unwrap().0, "i");
+        }
+        let text = br#"{"body": "eA==", "headers": {"task": "t", "id": "i", "x": "\ud83d\ude00"}, "properties": {"delivery_tag": "t"}}"#;
+        let env = Envelope::parse(text).unwrap();
+        assert!(env.is_read());
+        assert_eq!(env.headers()["x"], json!("\u{1F600}"));
+        assert_eq!(env.as_object().get("body"), Some(&json!("eA==")));
     }
 
     /// Numbers f64 does hold, however written, are read as before.
