@@ -221,7 +221,7 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             Err(e) => {
                 tracing::error!(error = %e, signature = %sig, "cannot start the next workflow step; the task fails with the error");
                 let exc = canvas_error(&e);
-                fail_step(ctx, &sig, &exc).await;
+                fail_step(ctx, &sig, &exc, &[]).await;
                 return fail(ctx, f, exc, None, secs).await;
             }
         };
@@ -230,9 +230,10 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
             let exc = publish_error(&e, &what);
             // Nothing of the step was published: its ids would stay
             // PENDING for ever.
-            fail_step(ctx, &sig, &exc).await;
+            fail_step(ctx, &sig, &exc, &[]).await;
             return fail(ctx, f, exc, None, secs).await;
         }
+        let mut published: Vec<String> = Vec::new();
         for (env, route) in &expansion.messages {
             if let Err(e) = ctx
                 .broker
@@ -244,11 +245,12 @@ async fn succeed(ctx: &Ctx, f: &Finish<'_>, value: Value, secs: f64) {
                 let exc = publish_error(&e, &format!("the next task of the workflow ({id})"));
                 // The step is incomplete (a group missing members, a chord
                 // that can never count to its size): its ids get the
-                // failure. Members already published still run and store
-                // their own results over it.
-                fail_step(ctx, &sig, &exc).await;
+                // failure, except the members already published, which
+                // run and store their own results.
+                fail_step(ctx, &sig, &exc, &published).await;
                 return fail(ctx, f, exc, None, secs).await;
             }
+            published.push(canvas::message_id(env).to_owned());
         }
         if !expansion.child.is_null() {
             children.push(expansion.child);
@@ -340,8 +342,15 @@ fn canvas_error(e: &CanvasError) -> PyException {
 /// Stores the failure under every id the unstartable step names (its
 /// members, a chord's body), so a client waiting on any of them gets the
 /// error instead of waiting for tasks nothing will publish.
-async fn fail_step(ctx: &Ctx, sig: &Value, exc: &PyException) {
+/// Stores FAILURE for every id the step names except those already
+/// `published`: those run and store their own result, and a FAILURE
+/// written after it (the member can finish before this runs) would
+/// overwrite their success.
+async fn fail_step(ctx: &Ctx, sig: &Value, exc: &PyException, published: &[String]) {
     for id in canvas::task_ids(sig) {
+        if published.contains(&id) {
+            continue;
+        }
         let doc = StateDoc::new(&id, State::Failure, exc_value(exc));
         if let Err(e) = ctx.backend.store(&doc).await {
             tracing::error!(error = %e, task_id = %id, "could not store FAILURE for a workflow step that did not start; it stays PENDING");

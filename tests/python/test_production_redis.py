@@ -290,6 +290,13 @@ def test_sentinel_failover_is_followed(procs, tmp_path):
         wait_for(lambda: _master_port(sentinel0) == r_port, 30,
                  message="sentinels never promoted the replica")
         promoted = time.monotonic() - killed_at
+        # The Python producer (redis-py) takes a master only once a sentinel
+        # no longer flags it down: wait for that, or send_task fails with
+        # "No master found" (the client's behaviour, not the worker's).
+        sentinels = [redis.Redis(port=p, password="spw-secret", socket_timeout=2,
+                                 decode_responses=True) for p in s_ports]
+        wait_for(lambda: all(_settled(s, r_port) for s in sentinels), 30,
+                 message="sentinels never agreed on the new master")
         after = [app.send_task("tori.echo", args=[f"after-{i}"]) for i in range(10)]
         got = [r.get(timeout=60) for r in after]
         resumed = time.monotonic() - killed_at
@@ -333,6 +340,16 @@ def _sentinel_ready(s) -> bool:
                 and len(s.execute_command("SENTINEL", "replicas", "mymaster")) >= 1)
     except redis.RedisError:
         return False
+
+
+def _settled(s, port: int) -> bool:
+    try:
+        state = s.execute_command("SENTINEL", "master", "mymaster")
+    except redis.RedisError:
+        return False
+    if isinstance(state, list):
+        state = dict(zip(state[::2], state[1::2]))
+    return str(state.get("port")) == str(port) and state.get("flags") == "master"
 
 
 def _master_port(s) -> int:
